@@ -1,0 +1,166 @@
+"""01_bigram.py: a bigram language model, the smallest model that learns to write.
+
+New here: everything but the model stays as it is up to stage 05 (data, training loop, loss
+estimates, sampling). The model is one table: row i holds the scores (logits) for the token
+after token i. With one character of context it learns which letters follow which, no more.
+
+Run with no flags for the run measured below (2-core CPU); --help lists the flags.
+Expect: val loss EXPECT
+"""
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from shared.cli import parse_args, run, save_metrics, select_device
+from shared.data import get_batch, load_dataset
+
+# Hyperparameters: the defaults of the command-line flags (--batch-size 64, --lr 3e-3, ...).
+hyperparameters = dict(
+    batch_size=32,
+    block_size=32,
+    max_iters=3000,
+    eval_interval=500,
+    eval_iters=100,
+    lr=1e-2,
+)
+
+
+# ----------------------------------------------------------------------------- model
+
+class BigramLanguageModel(nn.Module):
+
+    def __init__(self, vocab_size, block_size):
+        super().__init__()
+        self.block_size = block_size
+        # row i of this table holds the logits for the token that follows token i
+        self.wte = nn.Embedding(vocab_size, vocab_size)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # small weights give every token about the same probability at first: loss ~ ln(vocab_size)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None):
+        # idx and targets: (B, T) token ids
+        logits = self.wte(idx)  # (B, T, vocab_size)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+
+# ----------------------------------------------------------------------------- training
+
+@torch.no_grad()
+def estimate_loss(model, splits, args, device):
+    """Mean loss over eval_iters batches of each split. The batches are the same at every call
+    (a fixed seed), so two estimates differ only because the model changed."""
+    was_training = model.training
+    model.eval()
+    losses = {}
+    for name, data in splits.items():
+        generator = torch.Generator().manual_seed(args.seed)
+        batches = (get_batch(data, args.batch_size, args.block_size, device, generator)
+                   for _ in range(args.eval_iters))
+        losses[name] = sum(model(x, y)[1].item() for x, y in batches) / args.eval_iters
+    model.train(was_training)
+    return losses
+
+
+def progress(step, args, seconds, eval_seconds):
+    """Speed of the training steps so far, and how long the rest of the run will take."""
+    if step == 0:
+        return ""
+    step_seconds = (seconds - eval_seconds) / step
+    left = seconds / step * (args.max_iters - step)
+    return (f" | {1000 * step_seconds:.1f} ms/step, {args.batch_size * args.block_size / step_seconds:,.0f}"
+            f" tok/s, {left // 60:.0f}:{left % 60:02.0f} left")
+
+
+def train(model, train_data, val_data, args, device):
+    """AdamW on random batches, with loss estimates every eval_interval steps and a progress line
+    at least every few seconds. Ctrl-C stops early and keeps what the model has learned."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    splits = {"train": train_data, "val": val_data}
+    history = []
+    start = last_print = time.time()
+    eval_seconds = 0.0
+    step = 0
+    try:
+        while True:
+            if step % args.eval_interval == 0 or step == args.max_iters:
+                eval_start = time.time()
+                losses = estimate_loss(model, splits, args, device)
+                eval_seconds += time.time() - eval_start
+                seconds = time.time() - start
+                history.append({"step": step, "seconds": round(seconds, 3), **losses})
+                print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                      + progress(step, args, seconds, eval_seconds), flush=True)
+                last_print = time.time()
+            if step == args.max_iters:
+                break
+            x, y = get_batch(train_data, args.batch_size, args.block_size, device)
+            _, loss = model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if time.time() - last_print > 5:
+                print(f"step {step}: batch loss {loss.item():.4f}"
+                      + progress(step, args, time.time() - start, eval_seconds), flush=True)
+                last_print = time.time()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}; going on with the model as it is")
+    seconds = time.time() - start
+    tokens_per_second = step * args.batch_size * args.block_size / max(seconds - eval_seconds, 1e-9)
+    return history, tokens_per_second
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens):
+    """Extend each row of idx, a (B, T) tensor of token ids, by max_new_tokens tokens, drawing
+    each from the model's predicted distribution. Only the last block_size tokens are fed back,
+    so a sample can be longer than the context the model was trained on."""
+    was_training = model.training
+    model.eval()
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.block_size:])  # (B, T, vocab_size)
+        probs = F.softmax(logits[:, -1, :], dim=-1)  # (B, vocab_size): the next token's distribution
+        idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
+        idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+    model.train(was_training)
+    return idx
+
+
+def main(argv=None):
+    args = parse_args(argv, __doc__.split("\n\n")[0], hyperparameters)
+    torch.manual_seed(args.seed)
+    device = select_device(args.device)
+    tokenizer, train_data, val_data = load_dataset(args.data, args.block_size)
+    model = BigramLanguageModel(tokenizer.vocab_size, args.block_size).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{n_params:,} parameters (every weight and bias), {tokenizer.vocab_size} tokens, on {device}")
+
+    history, tokens_per_second = train(model, train_data, val_data, args, device)
+    if args.out and history:
+        path = save_metrics(args.out, {
+            "stage": Path(__file__).stem, "hyperparameters": vars(args), "parameters": n_params,
+            "vocab_size": tokenizer.vocab_size, "device": str(device), "tokens_per_second": tokens_per_second,
+            "train_loss": history[-1]["train"], "val_loss": history[-1]["val"], "history": history})
+        print(f"metrics written to {path}")
+
+    context = torch.zeros((1, 1), dtype=torch.long, device=device)  # token 0 ('\n' in Tiny Shakespeare)
+    print("-" * 80)
+    print(tokenizer.decode(generate(model, context, args.max_new_tokens)[0].tolist()))
+
+
+if __name__ == "__main__":
+    run(main)

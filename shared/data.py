@@ -1,0 +1,106 @@
+"""Tiny Shakespeare (or any UTF-8 text), a character tokenizer, a train/val split and batches."""
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from shared import UserError
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt"
+MIN_CHARS = 1000  # below this a 90/10 split leaves too little to validate on
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def download(path, url):
+    """Fetch Tiny Shakespeare into path. A temporary file is renamed into place only once its
+    checksum is right, so an interrupted download never leaves a file that looks complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading Tiny Shakespeare to {path}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as response:
+            f.write(response.read())
+        if sha256(tmp) != SHA256:
+            raise UserError(f"the file downloaded from {url} has the wrong checksum; "
+                            f"try again later, or save it yourself as {path}")
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError) as err:
+        raise UserError(f"could not download Tiny Shakespeare ({err}); save {url} as {path} "
+                        "by hand, or train on your own text with --data FILE") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_text(path=None):
+    """Tiny Shakespeare, downloaded on first use and checked on every load; or the user's own file."""
+    if path is None:
+        if not DEFAULT_PATH.exists():
+            download(DEFAULT_PATH, URL)
+        if sha256(DEFAULT_PATH) != SHA256:
+            raise UserError(f"{DEFAULT_PATH} is not the Tiny Shakespeare file this project expects "
+                            "(wrong SHA-256); delete it to download it again")
+        return DEFAULT_PATH.read_text(encoding="utf-8")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--data {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--data {path} is not UTF-8 text") from None
+    except OSError as err:
+        raise UserError(f"--data {path} cannot be read ({err.strerror})") from None
+    if len(text) < MIN_CHARS:
+        raise UserError(f"--data {path} has {len(text)} characters; give it at least {MIN_CHARS}")
+    return text
+
+
+class CharTokenizer:
+    """One token per distinct character of the training text, numbered in sorted order."""
+
+    def __init__(self, text):
+        self.chars = sorted(set(text))
+        self.vocab_size = len(self.chars)
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+
+    def encode(self, text):
+        try:
+            return [self.stoi[ch] for ch in text]
+        except KeyError as err:
+            raise UserError(f"the character {err.args[0]!r} never occurs in the training text, "
+                            "so the model has no token for it") from None
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+def load_dataset(path=None, block_size=8):
+    """The text as token ids, split 90/10 into train and val, with its tokenizer."""
+    text = read_text(path)
+    tokenizer = CharTokenizer(text)
+    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    n = int(0.9 * len(data))
+    train_data, val_data = data[:n], data[n:]
+    if len(val_data) <= block_size:
+        raise UserError(f"the validation split has {len(val_data)} tokens, too few for "
+                        f"--block-size {block_size}; use a longer text or a smaller block size")
+    return tokenizer, train_data, val_data
+
+
+def get_batch(data, batch_size, block_size, device, generator=None):
+    """batch_size random windows of block_size tokens; the targets are the same windows shifted
+    one token to the left, so position t is trained to predict token t + 1."""
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x = torch.stack([data[i:i + block_size] for i in ix])
+    y = torch.stack([data[i + 1:i + block_size + 1] for i in ix])
+    return x.to(device), y.to(device)

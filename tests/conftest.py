@@ -1,0 +1,47 @@
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.data import CharTokenizer, read_text
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["01_bigram", "02_single_head", "03_multi_head", "04_block"]
+
+
+def load_stage(name):
+    return importlib.import_module(name)
+
+
+def build_model(stage, vocab_size, block_size=16, n_embd=24, n_head=3, n_layer=2, dropout=0.1):
+    """A small model of the given stage, at other sizes than the defaults."""
+    name = stage.__name__
+    if name == "01_bigram":
+        return stage.BigramLanguageModel(vocab_size, block_size)
+    if name == "02_single_head":
+        return stage.GPT(vocab_size, block_size, n_embd)
+    if name == "03_multi_head":
+        return stage.GPT(vocab_size, block_size, n_embd, n_head)
+    return stage.GPT(vocab_size, block_size, n_embd, n_head, n_layer, dropout)
+
+
+def attention_heads(stage, model):
+    """Every single-head module of the model, where the stage has them."""
+    return [m for m in model.modules() if type(m).__name__ == "Head"]
+
+
+@pytest.fixture(scope="session")
+def shakespeare():
+    """The real Tiny Shakespeare text (downloaded and verified on first use)."""
+    return read_text()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shakespeare):
+    return CharTokenizer(shakespeare)
+
+
+@pytest.fixture(params=STAGES)
+def stage(request):
+    return load_stage(request.param)

@@ -1,0 +1,112 @@
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+from shared import UserError, data
+from shared.data import CharTokenizer, get_batch, load_dataset, read_text
+
+
+def test_tiny_shakespeare_is_verified(shakespeare):
+    assert len(shakespeare) == 1_115_394
+    assert hashlib.sha256(shakespeare.encode("utf-8")).hexdigest() == data.SHA256
+    assert len(set(shakespeare)) == 65
+
+
+@pytest.fixture
+def local_copy(tmp_path, monkeypatch):
+    """Point the loader at a copy of Tiny Shakespeare in a temporary folder."""
+    path = tmp_path / "data" / "tinyshakespeare.txt"
+    path.parent.mkdir()
+    shutil.copy(data.DEFAULT_PATH, path)
+    monkeypatch.setattr(data, "DEFAULT_PATH", path)
+    return path
+
+
+def test_corrupted_file_is_refused(local_copy):
+    raw = bytearray(local_copy.read_bytes())
+    raw[1000] ^= 1
+    local_copy.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="SHA-256"):
+        read_text()
+
+
+def test_download_verifies_and_renames_into_place(local_copy, tmp_path, monkeypatch):
+    source = tmp_path / "served.txt"
+    shutil.move(local_copy, source)
+    monkeypatch.setattr(data, "URL", source.as_uri())
+    assert len(read_text()) == 1_115_394  # fetched on first use, from the (local) URL
+    assert local_copy.exists()
+    assert list(local_copy.parent.iterdir()) == [local_copy]  # no temporary file left behind
+
+
+def test_bad_download_leaves_no_file(local_copy, tmp_path, monkeypatch):
+    source = tmp_path / "served.txt"
+    source.write_text("not Shakespeare at all\n" * 100)
+    local_copy.unlink()
+    monkeypatch.setattr(data, "URL", source.as_uri())
+    with pytest.raises(UserError, match="wrong checksum"):
+        read_text()
+    assert list(local_copy.parent.iterdir()) == []
+
+
+def test_offline_download_says_what_to_do(local_copy, monkeypatch):
+    local_copy.unlink()
+    monkeypatch.setattr(data, "URL", "http://127.0.0.1:9/input.txt")  # nothing listens there
+    with pytest.raises(UserError, match="could not download.*--data") as err:
+        read_text()
+    assert str(local_copy) in str(err.value)
+    assert list(local_copy.parent.iterdir()) == []
+
+
+def test_user_text_files(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("héllo wörld, " * 100, encoding="utf-8")
+    assert read_text(good).startswith("héllo")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(UserError, match="at least"):
+        read_text(short)
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(bytes(range(256)) * 10)
+    with pytest.raises(UserError, match="not UTF-8"):
+        read_text(binary)
+    with pytest.raises(UserError, match="no such file"):
+        read_text(tmp_path / "missing.txt")
+
+
+def test_tokenizer_round_trip(shakespeare, tokenizer):
+    assert tokenizer.vocab_size == 65
+    ids = tokenizer.encode(shakespeare[:5000])
+    assert all(0 <= i < 65 for i in ids)
+    assert tokenizer.decode(ids) == shakespeare[:5000]
+    assert tokenizer.decode(tokenizer.encode(shakespeare)) == shakespeare
+
+
+def test_unknown_character_is_named():
+    tokenizer = CharTokenizer("abc")
+    with pytest.raises(UserError, match="'é'"):
+        tokenizer.encode("abé")
+
+
+def test_split_is_90_10(shakespeare):
+    tokenizer, train_data, val_data = load_dataset(block_size=8)
+    assert (len(train_data), len(val_data)) == (1_003_854, 111_540)
+    assert tokenizer.decode(val_data[:20].tolist()) == shakespeare[1_003_854:1_003_874]
+
+
+def test_get_batch_targets_are_inputs_shifted_by_one():
+    data_ = torch.arange(1000)
+    x, y = get_batch(data_, batch_size=16, block_size=12, device="cpu")
+    assert x.shape == y.shape == (16, 12)
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    assert torch.equal(y[:, -1], x[:, -1] + 1)
+
+
+def test_validation_split_must_fit_the_block(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text("abcdefghij" * 100)  # 1000 characters, 100 for validation
+    load_dataset(path, block_size=99)
+    with pytest.raises(UserError, match="block size"):
+        load_dataset(path, block_size=100)

@@ -1,0 +1,141 @@
+"""Every stage against reference shapes, the loss at initialisation, falling loss, causality,
+attention weights and generation."""
+import math
+
+import pytest
+import torch
+
+from conftest import STAGES, attention_heads, build_model, load_stage
+from shared.cli import parse_args
+from shared.data import load_dataset
+
+V = 65
+
+
+def tiny_args(stage, *flags):
+    return parse_args(["--batch-size", "8", "--block-size", "16", "--eval-iters", "4", "--seed", "0",
+                       *flags], "", stage.hyperparameters)
+
+
+def test_logits_shape(stage):
+    model = build_model(stage, V)
+    idx = torch.randint(V, (3, 11))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 11, V) and loss is None
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 11, V) and loss.shape == ()
+
+
+@pytest.mark.parametrize("name", STAGES[1:])
+def test_attention_output_shapes(name):
+    stage = load_stage(name)
+    model = build_model(stage, V, n_embd=24, n_head=3)
+    x = torch.randn(2, 10, 24)
+    heads = attention_heads(stage, model)
+    assert heads, "this stage should have attention heads"
+    for head in heads:
+        head_size = head.key.out_features
+        assert head(x).shape == (2, 10, head_size)
+        assert head.attention_weights(x).shape == (2, 10, 10)
+    if name == "02_single_head":
+        assert heads[0].key.out_features == 24  # the one head is as wide as the model
+    else:
+        assert len(heads) == 3 * (2 if name == "04_block" else 1)
+        assert all(head.key.out_features == 8 for head in heads)  # n_embd / n_head each
+        attention = model.h[0].attn if name == "04_block" else model.attn
+        assert attention(x).shape == (2, 10, 24)  # concatenated and projected back to n_embd
+    if name == "04_block":
+        assert model.h[0](x).shape == (2, 10, 24) and len(model.h) == 2
+
+
+def test_initial_loss_is_near_uniform(stage, tokenizer, shakespeare):
+    torch.manual_seed(0)
+    model = build_model(stage, tokenizer.vocab_size).eval()
+    data = torch.tensor(tokenizer.encode(shakespeare[:20_000]))
+    x = torch.stack([data[i:i + 16] for i in range(0, 16_000, 500)])
+    y = torch.stack([data[i + 1:i + 17] for i in range(0, 16_000, 500)])
+    _, loss = model(x, y)
+    assert abs(loss.item() - math.log(tokenizer.vocab_size)) < 0.1
+
+
+def test_loss_drops_after_a_few_dozen_steps(stage):
+    args = tiny_args(stage, "--max-iters", "40", "--eval-interval", "40", "--lr", "3e-2")
+    torch.manual_seed(0)
+    tokenizer, train_data, val_data = load_dataset(block_size=args.block_size)
+    model = build_model(stage, tokenizer.vocab_size, block_size=args.block_size)
+    history, _ = stage.train(model, train_data, val_data, args, "cpu")
+    assert [h["step"] for h in history] == [0, 40]
+    assert history[0]["val"] - history[-1]["val"] > 0.5
+
+
+def test_same_seed_same_losses(stage):
+    args = tiny_args(stage, "--max-iters", "10", "--eval-interval", "5")
+    tokenizer, train_data, val_data = load_dataset(block_size=args.block_size)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(args.seed)
+        model = build_model(stage, tokenizer.vocab_size, block_size=args.block_size)
+        history, _ = stage.train(model, train_data, val_data, args, "cpu")
+        runs.append([(h["train"], h["val"]) for h in history])
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("name", STAGES[1:])
+def test_changing_a_later_token_leaves_earlier_logits_unchanged(name):
+    stage = load_stage(name)
+    torch.manual_seed(0)
+    model = build_model(stage, V).eval()
+    idx = torch.randint(V, (2, 16))
+    t = 9
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % V
+    logits, _ = model(idx)
+    logits_changed, _ = model(changed)
+    assert torch.equal(logits[:, :t], logits_changed[:, :t])
+    assert not torch.allclose(logits[:, t:], logits_changed[:, t:])  # the change is seen from t on
+
+
+@pytest.mark.parametrize("name", STAGES[1:])
+def test_attention_weights_are_causal_and_normalised(name):
+    stage = load_stage(name)
+    torch.manual_seed(0)
+    model = build_model(stage, V)
+    x = torch.randn(2, 12, 24)
+    for head in attention_heads(stage, model):
+        weights = head.attention_weights(x)
+        above_diagonal = torch.triu(torch.ones(12, 12, dtype=torch.bool), diagonal=1)
+        assert (weights[:, above_diagonal] == 0).all()
+        assert (weights[:, ~above_diagonal] > 0).all()
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 12))
+
+
+@pytest.mark.parametrize("block_size,n_embd", [(5, 12), (23, 36)])
+def test_generation_runs_past_the_block_size(stage, block_size, n_embd):
+    model = build_model(stage, V, block_size=block_size, n_embd=n_embd)
+    model.train()
+    idx = torch.randint(V, (3, 2))
+    out = stage.generate(model, idx, max_new_tokens=3 * block_size)
+    assert out.shape == (3, 2 + 3 * block_size)
+    assert torch.equal(out[:, :2], idx)
+    assert out.min() >= 0 and out.max() < V
+    assert model.training  # generate restores the mode it found
+    model.eval()
+    stage.generate(model, idx, max_new_tokens=2)
+    assert not model.training
+
+
+def test_generation_samples_from_the_model(stage):
+    """A model that always predicts 'next = previous + 1' must generate a counting sequence."""
+    model = build_model(stage, V, block_size=8)
+    torch.manual_seed(0)
+    data = torch.arange(4000) % V
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-2)
+    for _ in range(300):
+        ix = torch.randint(len(data) - 9, (32,))
+        x = torch.stack([data[i:i + 8] for i in ix])
+        _, loss = model(x, (x + 1) % V)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    out = stage.generate(model, torch.tensor([[3]]), max_new_tokens=20)[0]
+    assert (torch.diff(out) % V == 1).float().mean() > 0.9
