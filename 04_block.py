@@ -2,11 +2,11 @@
 
 New here: an MLP after attention in each block (Linear, ReLU, Linear, 4x wider inside), so each
 position can compute on what it gathered; residual connections (x + f(x)) and pre-norm
-LayerNorm, which keep a deep stack trainable; dropout (off by default: this small model, this
-briefly trained, gains nothing from it; try --dropout 0.2 on a bigger one); a final LayerNorm.
+LayerNorm, which keep a deep stack trainable; dropout (off by default: in this short run --dropout
+0.1 ended at val loss 1.92, not 1.85; it helps once a model can overfit); a final LayerNorm.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
-Expect: val loss EXPECT
+Expect: val loss 1.85 after 3000 steps (no blocks: 2.23), in 75 s; a sample with names and verse.
 """
 import time
 from pathlib import Path
