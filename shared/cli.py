@@ -21,6 +21,10 @@ HELP = {
     "n_head": "attention heads per layer",
     "n_layer": "transformer blocks",
     "dropout": "dropout probability while training",
+    "warmup_iters": "steps of linear learning-rate warm-up before the cosine decay",
+    "weight_decay": "AdamW weight decay, applied to weight matrices only",
+    "grad_clip": "clip the gradient norm to this",
+    "grad_accum_steps": "batches whose gradients are summed per optimizer step",
 }
 
 
@@ -29,7 +33,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _checked(name, kind):
+def checked(name, kind):
+    """An argparse type for a number flag, with the range that its name implies."""
     def convert(text):
         try:
             value = kind(text)
@@ -37,7 +42,9 @@ def _checked(name, kind):
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
         if name == "dropout":
             ok, rule = 0 <= value < 1, "at least 0 and below 1"
-        elif name in ("seed", "max_new_tokens"):
+        elif name == "top_p":
+            ok, rule = 0 < value <= 1, "above 0 and at most 1"
+        elif name in ("seed", "max_new_tokens", "temperature", "warmup_iters", "weight_decay"):
             ok, rule = value >= 0, "0 or more"
         else:
             ok, rule = value > 0, "above 0"
@@ -47,21 +54,24 @@ def _checked(name, kind):
     return convert
 
 
-def parse_args(argv, description, hyperparameters):
+def parse_args(argv, description, hyperparameters, add_flags=None):
     """Every hyperparameter of the stage becomes a flag (batch_size -> --batch-size), plus the
-    flags all stages share. Bad values stop the program with one sentence and status 2."""
+    flags all stages share and any that add_flags(parser) adds. Bad values stop the program with
+    one sentence and status 2."""
     parser = _Parser(description=description, allow_abbrev=False,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, default in hyperparameters.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=_checked(name, type(default)),
+        parser.add_argument("--" + name.replace("_", "-"), type=checked(name, type(default)),
                             default=default, help=HELP.get(name, name), metavar=type(default).__name__.upper())
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="auto picks cuda, then mps, then cpu")
-    parser.add_argument("--seed", type=_checked("seed", int), default=1337, help="random seed")
+    parser.add_argument("--seed", type=checked("seed", int), default=1337, help="random seed")
     parser.add_argument("--data", metavar="FILE", help="train on this UTF-8 text file instead of Tiny Shakespeare")
-    parser.add_argument("--max-new-tokens", type=_checked("max_new_tokens", int), default=500,
+    parser.add_argument("--max-new-tokens", type=checked("max_new_tokens", int), default=500,
                         help="length of the sample printed at the end")
     parser.add_argument("--out", metavar="DIR", help="write the run's metrics.json into this folder")
+    if add_flags:
+        add_flags(parser)
     args = parser.parse_args(argv)
     if "n_head" in hyperparameters and args.n_embd % args.n_head:
         parser.error(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")

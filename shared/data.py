@@ -83,11 +83,49 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
 
+    def identity(self):
+        return {"kind": "char", "chars": "".join(self.chars)}
 
-def load_dataset(path=None, block_size=8):
-    """The text as token ids, split 90/10 into train and val, with its tokenizer."""
+
+class TiktokenTokenizer:
+    """A byte-pair encoding from tiktoken, such as GPT-2's 50,257 tokens."""
+
+    def __init__(self, name):
+        import tiktoken  # only the BPE stages need it
+        try:
+            self.encoding = tiktoken.get_encoding(name)
+        except ValueError:
+            raise UserError(f"--tokenizer {name}: tiktoken has no such encoding "
+                            f"(it has {', '.join(tiktoken.list_encoding_names())})") from None
+        except OSError as err:
+            raise UserError(f"could not fetch tiktoken's files for {name!r} ({type(err).__name__}); "
+                            "connect once so tiktoken can cache them, or use --tokenizer char, "
+                            "which works offline") from None
+        self.name = name
+        self.vocab_size = self.encoding.n_vocab
+
+    def encode(self, text):
+        return self.encoding.encode_ordinary(text)  # "<|endoftext|>" in the text is just text
+
+    def decode(self, ids):
+        return self.encoding.decode(ids)
+
+    def identity(self):
+        return {"kind": "tiktoken", "name": self.name}
+
+
+def tokenizer_from_identity(identity):
+    """Rebuild the tokenizer a checkpoint was trained with."""
+    if identity["kind"] == "char":
+        return CharTokenizer(identity["chars"])
+    return TiktokenTokenizer(identity["name"])
+
+
+def load_dataset(path=None, block_size=8, tokenizer="char"):
+    """The text as token ids, split 90/10 into train and val, with its tokenizer: characters,
+    or a tiktoken encoding by name."""
     text = read_text(path)
-    tokenizer = CharTokenizer(text)
+    tokenizer = CharTokenizer(text) if tokenizer == "char" else TiktokenTokenizer(tokenizer)
     data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     n = int(0.9 * len(data))
     train_data, val_data = data[:n], data[n:]

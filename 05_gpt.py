@@ -1,0 +1,506 @@
+"""05_gpt.py: GPT-2, with the training recipe, checkpoints, BPE tokens and samplers of a real one.
+
+New here, over stage 04: the architecture is now exactly GPT-2's (fused query/key/value, GELU,
+biases, LM head tied to the token embedding, GPT-2's initialisation) and attention runs through
+PyTorch's fused scaled_dot_product_attention. Training gets AdamW with weight decay on the
+weight matrices only, warm-up then cosine decay, gradient clipping and accumulation, and the
+best checkpoint is kept in --out DIR so a run can --resume and be sampled later. Text can be
+characters or GPT-2's byte-pair tokens (--tokenizer gpt2), so every evaluation also reports bits
+per character, comparable across tokenizers. Generation has four samplers (greedy, temperature,
+top-k, top-p) and a KV cache.
+
+Weight decay: the token embedding is decayed like any weight matrix, since it is one: tied to the
+LM head, it is the output layer too; the position embedding follows it. Biases and LayerNorm
+gains are not decayed: pulling them toward zero only shifts and shrinks activations.
+
+Run with no flags for the run measured below (2-core CPU); --help lists the flags.
+Expect: val loss EXPECT
+Sample: python 05_gpt.py --sample --out runs/05 --prompt "ROMEO:" --temperature 0.8 --top-k 40
+"""
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from shared import UserError
+from shared.cli import checked, parse_args, run, save_metrics, select_device
+from shared.data import get_batch, load_dataset, tokenizer_from_identity
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length
+    vocab_size: int = 50257  # GPT-2's byte-pair vocabulary
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in the Linear layers and LayerNorms, as in GPT-2
+
+
+# Model shapes. vocab_size is set by the tokenizer at training time.
+PRESETS = {
+    "cpu": GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128),
+    "shakespeare": GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+}
+
+# Training recipes: `cpu` for the cpu preset, `gpu` (the lecture's) for the others.
+RECIPES = {
+    "cpu": dict(batch_size=16, max_iters=1500, eval_interval=250, eval_iters=20, lr=3e-3,
+                warmup_iters=50, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
+    "gpu": dict(batch_size=64, max_iters=5000, eval_interval=250, eval_iters=200, lr=1e-3,
+                warmup_iters=100, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
+}
+
+
+def flag_defaults(preset):
+    """The defaults of the flags for a preset: its recipe and its model shape."""
+    config = PRESETS[preset]
+    return {**RECIPES["cpu" if preset == "cpu" else "gpu"], "block_size": config.block_size,
+            "n_embd": config.n_embd, "n_head": config.n_head, "n_layer": config.n_layer,
+            "dropout": config.dropout}
+
+
+# ----------------------------------------------------------------------------- model
+
+class KVCache:
+    """The keys and values of every position seen so far, per layer, so that generating one more
+    token costs the work of one position instead of the whole context."""
+
+    def __init__(self):
+        self.keys, self.values = {}, {}
+
+    def __len__(self):
+        return self.keys[0].size(2) if self.keys else 0
+
+    def update(self, layer, k, v):
+        if layer in self.keys:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    """All heads at once: one Linear makes queries, keys and values for every head (c_attn)."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # output projection
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        # split the channels into heads: (B, n_head, T, head_size)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # prepend the earlier positions' keys and values
+        # the masked softmax of stage 04 in one fused kernel; new queries may see every cached key
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """The same small network applied at every position: attention gathers, the MLP computes."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # the approximation GPT-2 was trained with
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Attention then an MLP, each reading a LayerNorm of x (pre-norm) and adding onto x."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        # the residual path x + ... carries the gradient straight down, so deep stacks still train
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.block_size = config.block_size
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)  # final LayerNorm
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: reading a token in and writing one out use the same matrix (as in GPT-2)
+        self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the layers that write into the residual stream by 1/sqrt(2 * n_layer), so
+        # the stream's variance doesn't grow with depth (two such writes per block)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        # small weights give every token about the same probability at first: loss ~ ln(vocab_size)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, cache=None):
+        # idx and targets: (B, T) token ids; with a cache, idx holds only the positions after it
+        start = len(cache) if cache is not None else 0
+        positions = torch.arange(start, start + idx.size(1), device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, n_embd)
+        for block in self.h:
+            x = block(x, cache)
+        x = self.ln_f(x)  # (B, T, n_embd)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+
+def parameter_breakdown(config):
+    """Parameter counts by part, from a model built on the meta device (no memory is allocated).
+    The tied token embedding / LM head matrix is counted once, under wte."""
+    with torch.device("meta"):
+        model = GPT(config)
+    counts = {}
+    for name, p in model.named_parameters():  # yields a shared parameter only once
+        part = name.split(".")[0]
+        counts[part] = counts.get(part, 0) + p.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+# ----------------------------------------------------------------------------- training
+
+@torch.no_grad()
+def estimate_loss(model, splits, args, device):
+    """Mean loss over eval_iters batches of each split. The batches are the same at every call
+    (a fixed seed), so two estimates differ only because the model changed."""
+    was_training = model.training
+    model.eval()
+    losses = {}
+    for name, data in splits.items():
+        generator = torch.Generator().manual_seed(args.seed)
+        batches = (get_batch(data, args.batch_size, args.block_size, device, generator)
+                   for _ in range(args.eval_iters))
+        losses[name] = sum(model(x, y)[1].item() for x, y in batches) / args.eval_iters
+    model.train(was_training)
+    return losses
+
+
+def configure_optimizer(model, args):
+    """AdamW; weight decay on the matrices (2-D parameters: Linear weights and both embeddings),
+    none on biases and LayerNorm parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99))
+
+
+def learning_rate(step, args):
+    """Linear warm-up to lr, then a cosine decay to lr / 10 at max_iters."""
+    if step < args.warmup_iters:
+        return args.lr * (step + 1) / args.warmup_iters
+    progress = (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
+    return args.lr / 10 + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (args.lr - args.lr / 10)
+
+
+def progress(step, args, seconds, eval_seconds, start_step=0):
+    """Speed of the training steps so far, and how long the rest of the run will take."""
+    if step == start_step:
+        return ""
+    step_seconds = (seconds - eval_seconds) / (step - start_step)
+    left = seconds / (step - start_step) * (args.max_iters - step)
+    tokens = args.batch_size * args.block_size * args.grad_accum_steps
+    return (f" | {1000 * step_seconds:.1f} ms/step, {tokens / step_seconds:,.0f}"
+            f" tok/s, {left // 60:.0f}:{left % 60:02.0f} left")
+
+
+def train(model, optimizer, train_data, val_data, args, device, chars_per_token=1.0,
+          step=0, history=(), on_best=None):
+    """AdamW on random batches from `step` on, with loss estimates every eval_interval steps and
+    a progress line at least every few seconds; on_best(step, history) is called whenever the
+    validation loss reaches a new best. Ctrl-C stops early and keeps what the model has learned."""
+    splits = {"train": train_data, "val": val_data}
+    history = list(history)
+    best_val = min((h["val"] for h in history), default=float("inf"))
+    start_step = step
+    start = last_print = time.time()
+    eval_seconds = 0.0
+    try:
+        while True:
+            if (step % args.eval_interval == 0 or step == args.max_iters) and step != start_step or not history:
+                eval_start = time.time()
+                losses = estimate_loss(model, splits, args, device)
+                eval_seconds += time.time() - eval_start
+                seconds = time.time() - start
+                bpc = losses["val"] / chars_per_token / math.log(2)
+                history.append({"step": step, "seconds": round(seconds, 3), **losses, "val_bpc": bpc})
+                print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                      f"val {bpc:.3f} bits/char" + progress(step, args, seconds, eval_seconds, start_step),
+                      flush=True)
+                if losses["val"] < best_val and on_best:
+                    best_val = losses["val"]
+                    on_best(step, history)
+                last_print = time.time()
+            if step >= args.max_iters:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, args)
+            for _ in range(args.grad_accum_steps):
+                x, y = get_batch(train_data, args.batch_size, args.block_size, device)
+                _, loss = model(x, y)
+                # the mean over accumulated batches, as if they were one big batch
+                (loss / args.grad_accum_steps).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if time.time() - last_print > 5:
+                print(f"step {step}: batch loss {loss.item():.4f}"
+                      + progress(step, args, time.time() - start, eval_seconds, start_step), flush=True)
+                last_print = time.time()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}; going on with the model as it is")
+    seconds = time.time() - start
+    tokens = (step - start_step) * args.batch_size * args.block_size * args.grad_accum_steps
+    return history, tokens / max(seconds - eval_seconds, 1e-9)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, model, optimizer, tokenizer, step, history):
+    """Everything a run needs to go on where it stopped, as plain tensors, numbers and strings
+    (so it loads with weights_only=True). Written to a temporary file and renamed into place,
+    so a crash mid-write leaves the previous checkpoint intact."""
+    checkpoint = {
+        "stage": "05_gpt",
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": asdict(model.config),
+        "tokenizer": tokenizer.identity(),
+        "step": step,
+        "history": history,
+        # the random state decides the next batches (the data position) and dropout masks
+        "rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(path):
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}; train one first with --out {path.parent}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
+                        "it may be truncated or from elsewhere") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("stage") != "05_gpt":
+        raise UserError(f"{path} is not a checkpoint written by 05_gpt.py")
+    return checkpoint
+
+
+def load_checkpoint(path):
+    """The model (on the CPU, in eval mode) and tokenizer saved in a checkpoint file."""
+    checkpoint = read_checkpoint(path)
+    model = GPT(GPTConfig(**checkpoint["config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), tokenizer_from_identity(checkpoint["tokenizer"])
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def greedy(logits):
+    """The most likely token of each row of (B, V) logits, as a (B, 1) tensor."""
+    return logits.argmax(dim=-1, keepdim=True)
+
+
+def top_k_filter(logits, k):
+    """Keep the k largest logits of each row, exactly k even when values tie; -inf elsewhere."""
+    values, indices = torch.topk(logits, min(k, logits.size(-1)), dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+
+
+def top_p_filter(logits, p):
+    """Keep the smallest set of most likely tokens whose probabilities add up to at least p (the
+    nucleus): the token that crosses p stays in, and so does the top token, whatever p is."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, sorted_indices = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+    sorted_logits[mass_before >= p] = float("-inf")  # never the top token: its mass_before is 0
+    return torch.full_like(logits, float("-inf")).scatter(-1, sorted_indices, sorted_logits)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """The next token for each row of (B, V) logits: greedy at temperature 0; otherwise scale by
+    the temperature, keep the top k, keep the nucleus p, and draw."""
+    if temperature == 0:
+        return greedy(logits)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+    """Extend each row of idx, a (B, T) tensor of token ids, by max_new_tokens tokens. Only the
+    last block_size tokens are fed back, so a sample can outrun the context. With the KV cache,
+    each step feeds only the newest token; once the context is full the window slides, every
+    position shifts, and the cache is rebuilt from the cropped context."""
+    was_training = model.training
+    model.eval()
+    cache = None
+    for _ in range(max_new_tokens):
+        if use_cache and cache is not None and len(cache) < model.block_size:
+            logits, _ = model(idx[:, -1:], cache=cache)  # (B, 1, vocab_size)
+        else:
+            cache = KVCache() if use_cache else None
+            logits, _ = model(idx[:, -model.block_size:], cache=cache)  # (B, T, vocab_size)
+        idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
+        idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+    model.train(was_training)
+    return idx
+
+
+def add_flags(parser):
+    parser.add_argument("--preset", choices=PRESETS, help="model shape and recipe "
+                        "(default: cpu on a CPU, shakespeare on a GPU)")
+    parser.add_argument("--tokenizer", default="char", help="char, or a tiktoken encoding such as gpt2")
+    parser.add_argument("--resume", action="store_true", help="go on training from the checkpoint in --out")
+    parser.add_argument("--sample", action="store_true", help="only sample from the checkpoint in --out")
+    parser.add_argument("--prompt", default="\n", help="text the samples start from")
+    parser.add_argument("--num-samples", type=checked("num_samples", int), default=1)
+    parser.add_argument("--temperature", type=checked("temperature", float), default=1.0,
+                        help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=checked("top_k", int), help="sample from the k likeliest tokens")
+    parser.add_argument("--top-p", type=checked("top_p", float), help="sample from the nucleus of mass p")
+
+
+def print_samples(model, tokenizer, args, device, strategies):
+    context = torch.tensor([tokenizer.encode(args.prompt)] * args.num_samples, dtype=torch.long, device=device)
+    for label, settings in strategies.items():
+        out = generate(model, context, args.max_new_tokens, **settings)
+        for row in out.tolist():
+            print(f"{'-' * 30} {label} {'-' * (49 - len(label))}")
+            print(tokenizer.decode(row))
+
+
+def main(argv=None):
+    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults("cpu"), add_flags)
+    device = select_device(args.device)
+    preset = args.preset or ("cpu" if device.type == "cpu" else "shakespeare")
+    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults(preset), add_flags)
+    torch.manual_seed(args.seed)
+    checkpoint_path = Path(args.out or ".") / "ckpt.pt"
+    if (args.sample or args.resume) and not args.out:
+        raise UserError("--sample and --resume need --out DIR, the folder of the checkpoint")
+
+    if args.sample:
+        model, tokenizer = load_checkpoint(checkpoint_path)
+        print_samples(model.to(device), tokenizer, args, device, {"sample": dict(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)})
+        return
+
+    checkpoint = read_checkpoint(checkpoint_path) if args.resume else None
+    tokenizer_name = checkpoint["tokenizer"].get("name", "char") if checkpoint else args.tokenizer
+    tokenizer, train_data, val_data = load_dataset(args.data, args.block_size, tokenizer_name)
+    if checkpoint and tokenizer.identity() != checkpoint["tokenizer"]:
+        raise UserError(f"{checkpoint_path} was trained on another text; resume with the same --data")
+    config = GPTConfig(**checkpoint["config"]) if checkpoint else GPTConfig(
+        block_size=args.block_size, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
+        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    if config.block_size < args.block_size:
+        raise UserError(f"--block-size {args.block_size} is longer than the model's context {config.block_size}")
+    model = GPT(config).to(device)
+    optimizer = configure_optimizer(model, args)
+    step, history = 0, []
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, history = checkpoint["step"], checkpoint["history"]
+        torch.set_rng_state(checkpoint["rng_state"])
+        if checkpoint["cuda_rng_state"] and device.type == "cuda":
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng_state"])
+        print(f"resuming from step {step} of {checkpoint_path}")
+
+    breakdown = parameter_breakdown(config)
+    print(f"preset {preset}: {breakdown['total']:,} parameters (tied wte/lm_head counted once: "
+          + ", ".join(f"{part} {n:,}" for part, n in breakdown.items() if part != "total")
+          + f"), {tokenizer.vocab_size} tokens, on {device}")
+    print(f"{args.batch_size} x {args.block_size} tokens x {args.grad_accum_steps} accumulation "
+          f"= {args.batch_size * args.block_size * args.grad_accum_steps:,} tokens per step")
+    chars_per_token = len(tokenizer.decode(val_data.tolist())) / len(val_data)
+
+    def on_best(step, history):
+        if args.out:
+            save_checkpoint(checkpoint_path, model, optimizer, tokenizer, step, history)
+
+    history, tokens_per_second = train(model, optimizer, train_data, val_data, args, device,
+                                       chars_per_token, step, history, on_best)
+    if args.out and history:
+        path = save_metrics(args.out, {
+            "stage": Path(__file__).stem, "hyperparameters": vars(args), "parameters": breakdown["total"],
+            "vocab_size": tokenizer.vocab_size, "device": str(device), "tokens_per_second": tokens_per_second,
+            "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
+            "val_bpc": history[-1]["val_bpc"], "history": history})
+        print(f"metrics written to {path}; best checkpoint in {checkpoint_path}")
+
+    print_samples(model, tokenizer, args, device, {
+        "greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
+        "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)})
+
+
+if __name__ == "__main__":
+    run(main)
