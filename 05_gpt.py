@@ -14,7 +14,7 @@ LM head, it is the output layer too; the position embedding follows it. Biases a
 gains are not decayed: pulling them toward zero only shifts and shrinks activations.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
-Expect: val loss EXPECT
+Expect: val loss 1.81 (2.61 bits/char) after 1500 steps of the cpu preset, in 98 s; four samples.
 Sample: python 05_gpt.py --sample --out runs/05 --prompt "ROMEO:" --temperature 0.8 --top-k 40
 """
 import math
