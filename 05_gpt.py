@@ -263,7 +263,8 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token=
     eval_seconds = 0.0
     try:
         while True:
-            if (step % args.eval_interval == 0 or step == args.max_iters) and step != start_step or not history:
+            evaluate = step % args.eval_interval == 0 or step == args.max_iters
+            if evaluate and (step != start_step or not history):  # a resumed run has this one already
                 eval_start = time.time()
                 losses = estimate_loss(model, splits, args, device)
                 eval_seconds += time.time() - eval_start
