@@ -15,7 +15,8 @@ gains are not decayed: pulling them toward zero only shifts and shrinks activati
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
 Expect: val loss 1.81 (2.61 bits/char) after 1500 steps of the cpu preset, in 98 s; four samples.
-Sample: python 05_gpt.py --sample --out runs/05 --prompt "ROMEO:" --temperature 0.8 --top-k 40
+The best checkpoint goes to runs/05_gpt/ (--out DIR for another folder); sample from it with
+        python 05_gpt.py --sample --prompt "ROMEO:" --temperature 0.8 --top-k 40 --top-p 0.95
 """
 import math
 import os
@@ -416,6 +417,7 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 
 
 def add_flags(parser):
+    parser.set_defaults(out="runs/05_gpt")  # unlike stages 01-04, always keep the checkpoint
     parser.add_argument("--preset", choices=PRESETS, help="model shape and recipe "
                         "(default: cpu on a CPU, shakespeare on a GPU)")
     parser.add_argument("--tokenizer", default="char", help="char, or a tiktoken encoding such as gpt2")
@@ -444,9 +446,7 @@ def main(argv=None):
     preset = args.preset or ("cpu" if device.type == "cpu" else "shakespeare")
     args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults(preset), add_flags)
     torch.manual_seed(args.seed)
-    checkpoint_path = Path(args.out or ".") / "ckpt.pt"
-    if (args.sample or args.resume) and not args.out:
-        raise UserError("--sample and --resume need --out DIR, the folder of the checkpoint")
+    checkpoint_path = Path(args.out) / "ckpt.pt"
 
     if args.sample:
         model, tokenizer = load_checkpoint(checkpoint_path)
@@ -485,12 +485,11 @@ def main(argv=None):
     chars_per_token = len(tokenizer.decode(val_data.tolist())) / len(val_data)
 
     def on_best(step, history):
-        if args.out:
-            save_checkpoint(checkpoint_path, model, optimizer, tokenizer, step, history)
+        save_checkpoint(checkpoint_path, model, optimizer, tokenizer, step, history)
 
     history, tokens_per_second = train(model, optimizer, train_data, val_data, args, device,
                                        chars_per_token, step, history, on_best)
-    if args.out and history:
+    if history:
         path = save_metrics(args.out, {
             "stage": Path(__file__).stem, "hyperparameters": vars(args), "parameters": breakdown["total"],
             "vocab_size": tokenizer.vocab_size, "device": str(device), "tokens_per_second": tokens_per_second,
