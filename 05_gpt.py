@@ -236,8 +236,9 @@ def learning_rate(step, args):
     """Linear warm-up to lr, then a cosine decay to lr / 10 at max_iters."""
     if step < args.warmup_iters:
         return args.lr * (step + 1) / args.warmup_iters
+    min_lr = args.lr / 10
     progress = (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
-    return args.lr / 10 + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (args.lr - args.lr / 10)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (args.lr - min_lr)
 
 
 def progress(step, args, seconds, eval_seconds, start_step=0):
