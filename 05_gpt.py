@@ -20,18 +20,23 @@ The best checkpoint goes to runs/05_gpt/ (--out DIR for another folder); sample 
 """
 import math
 import os
+import signal
+import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shared import UserError
 from shared.cli import checked, parse_args, run, save_metrics, select_device
-from shared.data import get_batch, load_dataset, tokenizer_from_identity
+from shared.data import TiktokenTokenizer, get_batch, load_dataset, tokenizer_from_identity
 
 
 @dataclass
@@ -55,17 +60,23 @@ PRESETS = {
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
 }
 
-# Training recipes: `cpu` for the cpu preset, `gpu` (the lecture's) for the others.
+# Training recipes: `cpu` for the cpu preset, `gpu` (the lecture's) for the others, `finetune`
+# for pretrained GPT-2 weights (--init-from): a small learning rate, so it adapts, not forgets.
 RECIPES = {
-    "cpu": dict(batch_size=16, max_iters=1500, eval_interval=250, eval_iters=20, lr=3e-3,
+    "cpu": dict(batch_size=32, max_iters=1500, eval_interval=250, eval_iters=20, lr=3e-3,
                 warmup_iters=50, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
     "gpu": dict(batch_size=64, max_iters=5000, eval_interval=250, eval_iters=200, lr=1e-3,
                 warmup_iters=100, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
+    "finetune": dict(batch_size=8, max_iters=200, eval_interval=50, eval_iters=20, lr=3e-5,
+                     warmup_iters=10, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
 }
 
 
-def flag_defaults(preset):
-    """The defaults of the flags for a preset: its recipe and its model shape."""
+def flag_defaults(preset, init_from=None):
+    """The defaults of the flags for a preset: its recipe and its model shape. Pretrained weights
+    bring their own shape, so with init_from only the context (to crop to) and dropout remain."""
+    if init_from:
+        return {**RECIPES["finetune"], "block_size": 1024, "dropout": 0.0}
     config = PRESETS[preset]
     return {**RECIPES["cpu" if preset == "cpu" else "gpu"], "block_size": config.block_size,
             "n_embd": config.n_embd, "n_head": config.n_head, "n_layer": config.n_layer,
@@ -111,9 +122,15 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # prepend the earlier positions' keys and values
-        # the masked softmax of stage 04 in one fused kernel; new queries may see every cached key
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        # PyTorch's fused attention on a CPU runs its backward pass about 5x slower in bfloat16 than
+        # in float32 (measured), so under CPU autocast it stays in float32
+        cpu_autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if cpu_autocast:
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if cpu_autocast else nullcontext():
+            # the masked softmax of stage 04 in one fused kernel; new queries may see every cached key
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -191,6 +208,56 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
+    def crop_block_size(self, block_size):
+        """Keep the first block_size position embeddings: a shorter context, cheaper to train."""
+        self.config = replace(self.config, block_size=block_size)
+        self.block_size = block_size
+        self.wpe.weight = nn.Parameter(self.wpe.weight.data[:block_size].clone())
+        self.wpe.num_embeddings = block_size
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, block_size=None, dropout=0.0):
+        """GPT-2 with OpenAI's weights, through Hugging Face transformers: a hub name (gpt2,
+        gpt2-medium, gpt2-large, gpt2-xl) or a folder written by save_pretrained. The shape comes
+        from the loaded config; block_size, if given, crops the context."""
+        try:
+            from transformers import GPT2LMHeadModel
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            raise UserError("--init-from needs Hugging Face transformers: pip install transformers") from None
+        hf_logging.disable_progress_bar()
+        try:
+            hf_model = GPT2LMHeadModel.from_pretrained(name_or_path)
+        except (OSError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"could not load GPT-2 weights from {name_or_path!r}: it is not a folder "
+                            f"written by save_pretrained, and the Hugging Face hub did not provide it "
+                            f"({reason})") from None
+        hf = hf_model.config
+        if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or hf.scale_attn_by_inverse_layer_idx:
+            raise UserError(f"{name_or_path!r} is not laid out like GPT-2 (activation "
+                            f"{hf.activation_function}), so its weights would not mean the same here")
+        if block_size and block_size > hf.n_positions:
+            raise UserError(f"--block-size {block_size} is longer than {name_or_path}'s context of "
+                            f"{hf.n_positions} tokens")
+        config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer,
+                           n_head=hf.n_head, n_embd=hf.n_embd, dropout=dropout)
+        model = cls(config)
+        # GPT-2's Conv1D layers store their weight as (in, out), the transpose of nn.Linear's
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        ours, missing = model.state_dict(), set(model.state_dict()) - {"lm_head.weight"}
+        for name, tensor in hf_model.state_dict().items():
+            name = name.removeprefix("transformer.")
+            if name in ours:  # skips the causal-mask buffers older versions keep
+                ours[name].copy_(tensor.t() if name.endswith(conv1d) else tensor)
+                missing.discard(name)
+        if missing:
+            raise UserError(f"{name_or_path!r} has no weights for {', '.join(sorted(missing))}")
+        model.lm_head.weight = model.wte.weight  # tied, as in GPT-2, whatever the file holds
+        if block_size and block_size < config.block_size:
+            model.crop_block_size(block_size)
+        return model
+
 
 def parameter_breakdown(config):
     """Parameter counts by part, from a model built on the meta device (no memory is allocated).
@@ -207,18 +274,63 @@ def parameter_breakdown(config):
 
 # ----------------------------------------------------------------------------- training
 
+def setup_distributed(device):
+    """Under torchrun, which starts one process per GPU (or CPU worker) and sets RANK, LOCAL_RANK
+    and WORLD_SIZE, join the others: NCCL between GPUs, Gloo on CPUs. Returns (rank, world size,
+    this process's device); a plain run is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "mps":
+        raise UserError("several processes need CUDA GPUs or CPUs; use --device cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce(values, op=dist.ReduceOp.SUM):
+    """values (a list of floats) combined across processes; unchanged in a single process."""
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def resolve_dtype(name, device):
+    """The dtype autocast computes in. auto: bfloat16 where the hardware multiplies in it natively
+    (CUDA GPUs that support it, CPUs with AVX-512 BF16 or AMX), float32 elsewhere."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    native = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return "bfloat16" if native else "float32"
+
+
+def autocast(args, device):
+    """Matrix products in args.dtype, with the weights, the optimizer and the numerically delicate
+    ops (softmax, LayerNorm, the loss) kept in float32: mixed precision."""
+    return torch.autocast(device.type, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
+
+
 @torch.no_grad()
 def estimate_loss(model, splits, args, device):
     """Mean loss over eval_iters batches of each split. The batches are the same at every call
-    (a fixed seed), so two estimates differ only because the model changed."""
+    (a fixed seed), so two estimates differ only because the model changed. Under torchrun each
+    process evaluates its own batches and the mean is taken over all of them."""
     was_training = model.training
     model.eval()
+    rank = dist.get_rank() if dist.is_initialized() else 0
     losses = {}
     for name, data in splits.items():
-        generator = torch.Generator().manual_seed(args.seed)
+        generator = torch.Generator().manual_seed(args.seed + rank)
         batches = (get_batch(data, args.batch_size, args.block_size, device, generator)
                    for _ in range(args.eval_iters))
-        losses[name] = sum(model(x, y)[1].item() for x, y in batches) / args.eval_iters
+        with autocast(args, device):
+            loss = sum(model(x, y)[1].item() for x, y in batches) / args.eval_iters
+        losses[name] = all_reduce([loss])[0] / args.world_size
     model.train(was_training)
     return losses
 
@@ -241,34 +353,86 @@ def learning_rate(step, args):
     return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (args.lr - min_lr)
 
 
+def train_step(model, optimizer, batches, args, step, scaler=None):
+    """One optimizer step on the mean gradient of the batches (accumulated one after another)
+    and, under DDP, of every process's batches. Returns the mean loss of the batches. A float16
+    run needs the scaler: it scales the loss up so that small gradients don't round to zero."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, args)
+    total = 0.0
+    for i, (x, y) in enumerate(batches):
+        # DDP averages gradients across processes during backward; do it only on the last batch
+        last = i == len(batches) - 1
+        with nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
+            with autocast(args, x.device):
+                _, loss = model(x, y)
+            scaler.scale(loss / len(batches)).backward()  # the mean over batches, as if one big batch
+        total += loss.item() / len(batches)
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 def progress(step, args, seconds, eval_seconds, start_step=0):
     """Speed of the training steps so far, and how long the rest of the run will take."""
     if step == start_step:
         return ""
     step_seconds = (seconds - eval_seconds) / (step - start_step)
     left = seconds / (step - start_step) * (args.max_iters - step)
-    tokens = args.batch_size * args.block_size * args.grad_accum_steps
+    tokens = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
     return (f" | {1000 * step_seconds:.1f} ms/step, {tokens / step_seconds:,.0f}"
             f" tok/s, {left // 60:.0f}:{left % 60:02.0f} left")
 
 
+class StopOnCtrlC:
+    """While active, the first Ctrl-C only asks the training loop to stop after the current step,
+    so the checkpoint it then writes is a consistent state; a second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.default_handler = signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step (press again to stop at once)", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.default_handler)
+
+
+def check_finite(loss, step):
+    if not math.isfinite(loss):
+        raise UserError(f"the loss became {loss} at step {step}: training diverged, so it stops here and "
+                        "the checkpoint of the last evaluation is kept; try a smaller --lr")
+
+
 def train(model, optimizer, train_data, val_data, args, device, chars_per_token=1.0,
-          step=0, history=(), on_best=None):
+          step=0, history=(), on_checkpoint=None):
     """AdamW on random batches from `step` on, with loss estimates every eval_interval steps and
-    a progress line at least every few seconds; on_best(step, history) is called whenever the
-    validation loss reaches a new best. Ctrl-C stops early and keeps what the model has learned."""
+    a progress line at least every few seconds; on_checkpoint(step, history) saves the state
+    after every evaluation and on Ctrl-C, and returns where. A loss that is not finite stops the
+    run before anything is saved."""
     splits = {"train": train_data, "val": val_data}
+    raw_model = model.module if isinstance(model, DDP) else model  # evaluation needs no syncing
     history = list(history)
-    best_val = min((h["val"] for h in history), default=float("inf"))
     start_step = step
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
     start = last_print = time.time()
     eval_seconds = 0.0
-    try:
+    with StopOnCtrlC() as ctrl_c:
         while True:
             evaluate = step % args.eval_interval == 0 or step == args.max_iters
             if evaluate and (step != start_step or not history):  # a resumed run has this one already
                 eval_start = time.time()
-                losses = estimate_loss(model, splits, args, device)
+                losses = estimate_loss(raw_model, splits, args, device)
+                check_finite(losses["val"], step)
                 eval_seconds += time.time() - eval_start
                 seconds = time.time() - start
                 bpc = losses["val"] / chars_per_token / math.log(2)
@@ -276,37 +440,54 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token=
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                       f"val {bpc:.3f} bits/char" + progress(step, args, seconds, eval_seconds, start_step),
                       flush=True)
-                if losses["val"] < best_val and on_best:
-                    best_val = losses["val"]
-                    on_best(step, history)
+                if on_checkpoint:
+                    on_checkpoint(step, history)
                 last_print = time.time()
             if step >= args.max_iters:
                 break
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, args)
-            for _ in range(args.grad_accum_steps):
-                x, y = get_batch(train_data, args.batch_size, args.block_size, device)
-                _, loss = model(x, y)
-                # the mean over accumulated batches, as if they were one big batch
-                (loss / args.grad_accum_steps).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if all_reduce([ctrl_c.requested], dist.ReduceOp.MAX)[0]:  # every process stops together
+                path = on_checkpoint(step, history) if on_checkpoint else None
+                print(f"stopped at step {step}" + (f"; saved to {path}: run the same command with "
+                                                    "--resume to go on" if path else ""), flush=True)
+                break
+            batches = [get_batch(train_data, args.batch_size, args.block_size, device)
+                       for _ in range(args.grad_accum_steps)]
+            loss = train_step(model, optimizer, batches, args, step, scaler)
             step += 1
+            check_finite(all_reduce([loss])[0], step)
             if time.time() - last_print > 5:
-                print(f"step {step}: batch loss {loss.item():.4f}"
+                print(f"step {step}: batch loss {loss:.4f}"
                       + progress(step, args, time.time() - start, eval_seconds, start_step), flush=True)
                 last_print = time.time()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}; going on with the model as it is")
     seconds = time.time() - start
-    tokens = (step - start_step) * args.batch_size * args.block_size * args.grad_accum_steps
+    tokens = (step - start_step) * args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
     return history, tokens / max(seconds - eval_seconds, 1e-9)
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, model, optimizer, tokenizer, step, history):
+def rng_states():
+    """Every process's random state, which decides its next batches (the data position) and its
+    dropout masks: a list with one entry per process."""
+    state = {"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)}
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_state(states, rank, world_size):
+    if len(states) != world_size:
+        raise UserError(f"the checkpoint was written by {len(states)} process(es); resume with the "
+                        f"same number (torchrun --nproc_per_node={len(states)})")
+    torch.set_rng_state(states[rank]["cpu"])
+    if torch.cuda.is_available() and len(states[rank]["cuda"]):
+        torch.cuda.set_rng_state(states[rank]["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, tokenizer, step, history, rng_states):
     """Everything a run needs to go on where it stopped, as plain tensors, numbers and strings
     (so it loads with weights_only=True). Written to a temporary file and renamed into place,
     so a crash mid-write leaves the previous checkpoint intact."""
@@ -318,21 +499,22 @@ def save_checkpoint(path, model, optimizer, tokenizer, step, history):
         "tokenizer": tokenizer.identity(),
         "step": step,
         "history": history,
-        # the random state decides the next batches (the data position) and dropout masks
-        "rng_state": torch.get_rng_state(),
-        "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_states": rng_states,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
         os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f"could not write the checkpoint {path} ({err.strerror or err}); "
+                        "the previous one, if any, is intact") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -398,19 +580,22 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True):
-    """Extend each row of idx, a (B, T) tensor of token ids, by max_new_tokens tokens. Only the
-    last block_size tokens are fed back, so a sample can outrun the context. With the KV cache,
-    each step feeds only the newest token; once the context is full the window slides, every
-    position shifts, and the cache is rebuilt from the cropped context."""
+    """Extend each row of idx, a (B, T) tensor of token ids, by max_new_tokens tokens. The model
+    reads a window of the latest tokens; when the window outgrows block_size, it moves on to keep
+    only its newer half, so a sample can outrun the context. With the KV cache each step feeds
+    only the newest token, and the context is recomputed only when the window moves (every
+    position shifts then). Both ways read the same windows and give the same tokens."""
     was_training = model.training
     model.eval()
-    cache = None
+    start, cache = 0, None
     for _ in range(max_new_tokens):
-        if use_cache and cache is not None and len(cache) < model.block_size:
+        if idx.size(1) - start > model.block_size:
+            start, cache = idx.size(1) - max(1, model.block_size // 2), None
+        if use_cache and cache is not None:
             logits, _ = model(idx[:, -1:], cache=cache)  # (B, 1, vocab_size)
         else:
             cache = KVCache() if use_cache else None
-            logits, _ = model(idx[:, -model.block_size:], cache=cache)  # (B, T, vocab_size)
+            logits, _ = model(idx[:, start:], cache=cache)  # (B, T, vocab_size)
         idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
         idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
     model.train(was_training)
@@ -421,9 +606,15 @@ def add_flags(parser):
     parser.set_defaults(out="runs/05_gpt")  # unlike stages 01-04, always keep the checkpoint
     parser.add_argument("--preset", choices=PRESETS, help="model shape and recipe "
                         "(default: cpu on a CPU, shakespeare on a GPU)")
-    parser.add_argument("--tokenizer", default="char", help="char, or a tiktoken encoding such as gpt2")
+    parser.add_argument("--init-from", metavar="NAME|DIR", help="start from GPT-2's weights: gpt2, "
+                        "gpt2-medium, gpt2-large, gpt2-xl, or a save_pretrained folder (needs transformers)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="autocast precision for training; auto: bfloat16 where the hardware has it")
+    parser.add_argument("--tokenizer", help="char, or a tiktoken encoding such as gpt2 "
+                        "(default: char; gpt2 with --init-from)")
     parser.add_argument("--resume", action="store_true", help="go on training from the checkpoint in --out")
-    parser.add_argument("--sample", action="store_true", help="only sample from the checkpoint in --out")
+    parser.add_argument("--sample", action="store_true", help="only sample from the checkpoint in --out "
+                        "(or from the --init-from weights)")
     parser.add_argument("--prompt", default="\n", help="text the samples start from")
     parser.add_argument("--num-samples", type=checked("num_samples", int), default=1)
     parser.add_argument("--temperature", type=checked("temperature", float), default=1.0,
@@ -443,14 +634,24 @@ def print_samples(model, tokenizer, args, device, strategies):
 
 def main(argv=None):
     args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults("cpu"), add_flags)
-    device = select_device(args.device)
+    rank, world_size, device = setup_distributed(select_device(args.device))
     preset = args.preset or ("cpu" if device.type == "cpu" else "shakespeare")
-    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults(preset), add_flags)
-    torch.manual_seed(args.seed)
+    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults(preset, args.init_from), add_flags)
+    args.world_size, args.dtype = world_size, resolve_dtype(args.dtype, device)
+    if args.init_from and args.tokenizer not in (None, "gpt2"):
+        raise UserError("GPT-2's weights go with GPT-2's tokens: use --tokenizer gpt2 (the default "
+                        "with --init-from)")
+    args.tokenizer = args.tokenizer or ("gpt2" if args.init_from else "char")
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")  # one process speaks for all
+    torch.manual_seed(args.seed + rank)  # each process draws its own batches
     checkpoint_path = Path(args.out) / "ckpt.pt"
 
     if args.sample:
-        model, tokenizer = load_checkpoint(checkpoint_path)
+        if args.init_from:
+            model, tokenizer = GPT.from_pretrained(args.init_from).eval(), TiktokenTokenizer("gpt2")
+        else:
+            model, tokenizer = load_checkpoint(checkpoint_path)
         print_samples(model.to(device), tokenizer, args, device, {"sample": dict(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)})
         return
@@ -460,47 +661,57 @@ def main(argv=None):
     tokenizer, train_data, val_data = load_dataset(args.data, args.block_size, tokenizer_name)
     if checkpoint and tokenizer.identity() != checkpoint["tokenizer"]:
         raise UserError(f"{checkpoint_path} was trained on another text; resume with the same --data")
-    config = GPTConfig(**checkpoint["config"]) if checkpoint else GPTConfig(
-        block_size=args.block_size, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
-        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
-    if config.block_size < args.block_size:
-        raise UserError(f"--block-size {args.block_size} is longer than the model's context {config.block_size}")
-    model = GPT(config).to(device)
+    if checkpoint:
+        model = GPT(GPTConfig(**checkpoint["config"]))
+    elif args.init_from:
+        model = GPT.from_pretrained(args.init_from, args.block_size, args.dropout)
+    else:
+        model = GPT(GPTConfig(block_size=args.block_size, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
+                              n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout))
+    if model.block_size < args.block_size:
+        raise UserError(f"--block-size {args.block_size} is longer than the model's context {model.block_size}")
+    model.to(device)
     optimizer = configure_optimizer(model, args)
     step, history = 0, []
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, history = checkpoint["step"], checkpoint["history"]
-        torch.set_rng_state(checkpoint["rng_state"])
-        if checkpoint["cuda_rng_state"] and device.type == "cuda":
-            torch.cuda.set_rng_state_all(checkpoint["cuda_rng_state"])
+        set_rng_state(checkpoint["rng_states"], rank, world_size)
         print(f"resuming from step {step} of {checkpoint_path}")
 
-    breakdown = parameter_breakdown(config)
-    print(f"preset {preset}: {breakdown['total']:,} parameters (tied wte/lm_head counted once: "
+    breakdown = parameter_breakdown(model.config)
+    print(f"{'weights ' + args.init_from if args.init_from else 'preset ' + preset}: {breakdown['total']:,} "
+          "parameters (tied wte/lm_head counted once: "
           + ", ".join(f"{part} {n:,}" for part, n in breakdown.items() if part != "total")
-          + f"), {tokenizer.vocab_size} tokens, on {device}")
-    print(f"{args.batch_size} x {args.block_size} tokens x {args.grad_accum_steps} accumulation "
-          f"= {args.batch_size * args.block_size * args.grad_accum_steps:,} tokens per step")
+          + f"), {tokenizer.vocab_size} tokens, on {device} in {args.dtype}")
+    print(f"{args.batch_size} x {args.block_size} tokens x {args.grad_accum_steps} accumulation x "
+          f"{world_size} process{'es' if world_size > 1 else ''} = "
+          f"{args.batch_size * args.block_size * args.grad_accum_steps * world_size:,} tokens per step")
     chars_per_token = len(tokenizer.decode(val_data.tolist())) / len(val_data)
 
-    def on_best(step, history):
-        save_checkpoint(checkpoint_path, model, optimizer, tokenizer, step, history)
+    def on_checkpoint(step, history):
+        states = rng_states()  # every process takes part
+        if rank == 0:
+            save_checkpoint(checkpoint_path, model, optimizer, tokenizer, step, history, states)
+        return checkpoint_path
 
-    history, tokens_per_second = train(model, optimizer, train_data, val_data, args, device,
-                                       chars_per_token, step, history, on_best)
-    if history:
+    ddp_model = DDP(model) if world_size > 1 else model
+    history, tokens_per_second = train(ddp_model, optimizer, train_data, val_data, args, device,
+                                       chars_per_token, step, history, on_checkpoint)
+    if history and rank == 0:
         path = save_metrics(args.out, {
             "stage": Path(__file__).stem, "hyperparameters": vars(args), "parameters": breakdown["total"],
             "vocab_size": tokenizer.vocab_size, "device": str(device), "tokens_per_second": tokens_per_second,
             "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
             "val_bpc": history[-1]["val_bpc"], "history": history})
-        print(f"metrics written to {path}; best checkpoint in {checkpoint_path}")
-
-    print_samples(model, tokenizer, args, device, {
-        "greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
-        "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)})
+        print(f"metrics written to {path}; checkpoint in {checkpoint_path}")
+    if rank == 0:
+        print_samples(model, tokenizer, args, device, {
+            "greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
+            "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)})
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

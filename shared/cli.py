@@ -105,9 +105,12 @@ def save_metrics(out_dir, metrics):
 
 
 def run(main):
-    """Call main(); a UserError becomes one line on stderr and exit status 2."""
+    """Call main(); a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130."""
     try:
         main()
     except UserError as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a Ctrl-C outside training, or a second one inside it
+        print(f"\n{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
+        sys.exit(130)

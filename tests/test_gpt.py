@@ -1,7 +1,9 @@
 """Stage 05: GPT-2's architecture, samplers, KV cache, checkpoints and resume."""
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -205,22 +207,24 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert tokenizer.vocab_size == 65 and tokenizer.decode(tokenizer.encode("ROMEO:")) == "ROMEO:"
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_ctrl_c_then_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     flags = [*TINY, "--dropout", "0.1", "--max-iters", "20", "--eval-interval", "5", "--max-new-tokens", "0"]
     gpt.main([*flags, "--out", str(tmp_path / "whole")])
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"]
 
-    save = gpt.save_checkpoint
+    train_step = gpt.train_step
 
-    def save_then_stop(path, model, optimizer, tokenizer, step, history):
-        save(path, model, optimizer, tokenizer, step, history)
-        if step == 10:
-            raise KeyboardInterrupt  # as if Ctrl-C came right after the step-10 checkpoint
+    def step_with_ctrl_c(model, optimizer, batches, args, step, *rest):
+        if step == 12:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 13
+        return train_step(model, optimizer, batches, args, step, *rest)
 
-    monkeypatch.setattr(gpt, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(gpt, "train_step", step_with_ctrl_c)
     gpt.main([*flags, "--out", str(tmp_path / "parts")])
     monkeypatch.undo()
-    assert torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=True)["step"] == 10
+    out = capsys.readouterr().out
+    assert "Ctrl-C: stopping after this step" in out and "stopped at step 13; saved to" in out and "--resume" in out
+    assert torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=True)["step"] == 13
     gpt.main([*flags, "--resume", "--out", str(tmp_path / "parts")])
     resumed = json.loads((tmp_path / "parts" / "metrics.json").read_text())["history"]
     assert [h["step"] for h in resumed] == [0, 5, 10, 15, 20]

@@ -1,0 +1,101 @@
+"""Stage 05 with GPT-2's weights through Hugging Face transformers, all offline: a small GPT-2 with
+random weights stands in for OpenAI's, saved and loaded the way a downloaded one would be."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, load_stage
+
+transformers = pytest.importorskip("transformers")
+gpt = load_stage("05_gpt")
+
+
+@pytest.fixture(scope="module")
+def hf_model_folder(tmp_path_factory):
+    """A GPT-2 with GPT-2's vocabulary but 2 layers of 32 channels and a 32-token context, every
+    weight and bias random (so a missed transpose or bias shows), saved by save_pretrained."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50_257, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def run_gpt(*flags, **env):
+    return subprocess.run([sys.executable, "05_gpt.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, **env})
+
+
+def test_loaded_weights_give_hugging_faces_logits(hf_model_folder):
+    folder, hf_model = hf_model_folder
+    model = gpt.GPT.from_pretrained(folder)
+    assert model.config.block_size == 32 and model.config.n_layer == 2 and model.config.vocab_size == 50_257
+    assert model.lm_head.weight is model.wte.weight
+    idx = torch.randint(50_257, (3, 32))
+    with torch.no_grad():
+        ours, _ = model.eval()(idx)
+        theirs = hf_model(idx).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_matches_hugging_faces_generate(hf_model_folder):
+    folder, hf_model = hf_model_folder
+    model = gpt.GPT.from_pretrained(folder)
+    prompt = torch.randint(50_257, (2, 6))
+    theirs = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                               do_sample=False, pad_token_id=0)
+    assert torch.equal(gpt.generate(model, prompt, 20, temperature=0), theirs)
+
+
+def test_cropping_the_context_keeps_the_first_positions(hf_model_folder):
+    folder, hf_model = hf_model_folder
+    model = gpt.GPT.from_pretrained(folder, block_size=16)
+    assert model.block_size == 16 and model.wpe.weight.shape == (16, 32)
+    idx = torch.randint(50_257, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(idx)[0], hf_model(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_fine_tune_from_loaded_weights_then_sample(hf_model_folder, tmp_path):
+    folder, _ = hf_model_folder
+    trained = run_gpt("--init-from", str(folder), "--block-size", "16", "--batch-size", "4", "--max-iters", "10",
+                      "--eval-interval", "10", "--eval-iters", "2", "--lr", "1e-3", "--max-new-tokens", "5",
+                      "--out", str(tmp_path))
+    assert trained.returncode == 0, trained.stderr
+    losses = [float(line.split("val loss ")[1].split(",")[0]) for line in trained.stdout.splitlines()
+              if "val loss" in line]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert checkpoint["config"]["block_size"] == 16 and checkpoint["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"}
+    sampled = run_gpt("--sample", "--out", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "5")
+    assert sampled.returncode == 0 and "ROMEO:" in sampled.stdout
+    direct = run_gpt("--init-from", str(folder), "--sample", "--prompt", "Hello", "--max-new-tokens", "5")
+    assert direct.returncode == 0 and "Hello" in direct.stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--block-size", "64"], "longer than"),
+    (["--tokenizer", "char"], "--tokenizer gpt2"),
+])
+def test_bad_pretrained_flags_get_one_sentence(hf_model_folder, flags, message):
+    result = run_gpt("--init-from", str(hf_model_folder[0]), *flags, "--max-iters", "1")
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_offline_without_a_local_folder_gets_one_sentence(tmp_path):
+    result = run_gpt("--init-from", "gpt2", "--sample", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
+    assert result.returncode == 2 and "could not load GPT-2 weights from 'gpt2'" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_without_transformers_it_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
+    with pytest.raises(gpt.UserError, match="pip install transformers"):
+        gpt.GPT.from_pretrained("gpt2")
