@@ -63,8 +63,8 @@ PRESETS = {
 # Training recipes: `cpu` for the cpu preset, `gpu` (the lecture's) for the others, `finetune`
 # for pretrained GPT-2 weights (--init-from): a small learning rate, so it adapts, not forgets.
 RECIPES = {
-    "cpu": dict(batch_size=32, max_iters=1500, eval_interval=250, eval_iters=20, lr=3e-3,
-                warmup_iters=50, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
+    "cpu": dict(batch_size=64, max_iters=800, eval_interval=200, eval_iters=20, lr=4e-3,
+                warmup_iters=30, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
     "gpu": dict(batch_size=64, max_iters=5000, eval_interval=250, eval_iters=200, lr=1e-3,
                 warmup_iters=100, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
     "finetune": dict(batch_size=8, max_iters=200, eval_interval=50, eval_iters=20, lr=3e-5,
@@ -529,15 +529,37 @@ def read_checkpoint(path):
                         "it may be truncated or from elsewhere") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("stage") != "05_gpt":
         raise UserError(f"{path} is not a checkpoint written by 05_gpt.py")
+    missing = {"model", "optimizer", "config", "tokenizer", "step", "history", "rng_states"} - set(checkpoint)
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(sorted(missing))}; it was written by another version of 05_gpt.py")
     return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path):
+    try:
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError) as err:
+        raise UserError(f"the weights in {path} don't fit its config ({type(err).__name__}); "
+                        "it was altered or written by another version of 05_gpt.py") from None
+    return model
+
+
+def check_resumable(checkpoint, args, path):
+    """Resuming goes on with the run that stopped: the same tokenizer and model shape."""
+    tokenizer = checkpoint["tokenizer"].get("name", "char")
+    if args.tokenizer not in (None, tokenizer):
+        raise UserError(f"{path} was trained with --tokenizer {tokenizer}, not {args.tokenizer}")
+    for name, value in checkpoint["config"].items():
+        if getattr(args, name, value) != value:
+            raise UserError(f"{path} was trained with --{name.replace('_', '-')} {value}, not "
+                            f"{getattr(args, name)}; resume with the flags it was trained with")
 
 
 def load_checkpoint(path):
     """The model (on the CPU, in eval mode) and tokenizer saved in a checkpoint file."""
     checkpoint = read_checkpoint(path)
-    model = GPT(GPTConfig(**checkpoint["config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), tokenizer_from_identity(checkpoint["tokenizer"])
+    return model_from_checkpoint(checkpoint, path).eval(), tokenizer_from_identity(checkpoint["tokenizer"])
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -623,6 +645,11 @@ def add_flags(parser):
     parser.add_argument("--top-p", type=checked("top_p", float), help="sample from the nucleus of mass p")
 
 
+def check_top_k(args, tokenizer):
+    if args.top_k and args.top_k > tokenizer.vocab_size:
+        raise UserError(f"--top-k {args.top_k} is more than the {tokenizer.vocab_size} tokens there are")
+
+
 def print_samples(model, tokenizer, args, device, strategies):
     context = torch.tensor([tokenizer.encode(args.prompt)] * args.num_samples, dtype=torch.long, device=device)
     for label, settings in strategies.items():
@@ -641,7 +668,6 @@ def main(argv=None):
     if args.init_from and args.tokenizer not in (None, "gpt2"):
         raise UserError("GPT-2's weights go with GPT-2's tokens: use --tokenizer gpt2 (the default "
                         "with --init-from)")
-    args.tokenizer = args.tokenizer or ("gpt2" if args.init_from else "char")
     if rank > 0:
         sys.stdout = open(os.devnull, "w")  # one process speaks for all
     torch.manual_seed(args.seed + rank)  # each process draws its own batches
@@ -652,17 +678,22 @@ def main(argv=None):
             model, tokenizer = GPT.from_pretrained(args.init_from).eval(), TiktokenTokenizer("gpt2")
         else:
             model, tokenizer = load_checkpoint(checkpoint_path)
+        check_top_k(args, tokenizer)
         print_samples(model.to(device), tokenizer, args, device, {"sample": dict(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)})
         return
 
     checkpoint = read_checkpoint(checkpoint_path) if args.resume else None
-    tokenizer_name = checkpoint["tokenizer"].get("name", "char") if checkpoint else args.tokenizer
-    tokenizer, train_data, val_data = load_dataset(args.data, args.block_size, tokenizer_name)
+    if checkpoint:
+        check_resumable(checkpoint, args, checkpoint_path)
+        args.tokenizer = checkpoint["tokenizer"].get("name", "char")
+    args.tokenizer = args.tokenizer or ("gpt2" if args.init_from else "char")
+    tokenizer, train_data, val_data = load_dataset(args.data, args.block_size, args.tokenizer)
     if checkpoint and tokenizer.identity() != checkpoint["tokenizer"]:
         raise UserError(f"{checkpoint_path} was trained on another text; resume with the same --data")
+    check_top_k(args, tokenizer)
     if checkpoint:
-        model = GPT(GPTConfig(**checkpoint["config"]))
+        model = model_from_checkpoint(checkpoint, checkpoint_path)
     elif args.init_from:
         model = GPT.from_pretrained(args.init_from, args.block_size, args.dropout)
     else:
@@ -674,7 +705,6 @@ def main(argv=None):
     optimizer = configure_optimizer(model, args)
     step, history = 0, []
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, history = checkpoint["step"], checkpoint["history"]
         set_rng_state(checkpoint["rng_states"], rank, world_size)

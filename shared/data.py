@@ -60,6 +60,8 @@ def read_text(path=None):
         raise UserError(f"--data {path} is not UTF-8 text") from None
     except OSError as err:
         raise UserError(f"--data {path} cannot be read ({err.strerror})") from None
+    if "\x00" in text:
+        raise UserError(f"--data {path} looks like a binary file, not text")
     if len(text) < MIN_CHARS:
         raise UserError(f"--data {path} has {len(text)} characters; give it at least {MIN_CHARS}")
     return text

@@ -1,0 +1,144 @@
+"""Stage 05's speed on this machine, in one run: training throughput of plain float32 against the
+default path (--dtype auto), peak memory, generation with and without the KV cache, and the
+validation loss the default run reaches by wall-clock time, next to a float32 run's.
+
+Not a test (pytest does not collect it). Run it on an otherwise idle machine:
+
+    python tests/bench.py          # about 7 minutes on 2 CPU cores
+
+Each measurement runs in a process of its own, so that peak memory is that measurement's.
+"""
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child(*args):
+    """Run this script's --child mode in a fresh process and return what it prints (JSON)."""
+    out = subprocess.run([sys.executable, __file__, "--child", *args], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def peak_memory_mb(device):
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def measure_training(dtype, rounds=5, steps=10):
+    """Tokens per second of train_step on the default preset's model and batches: the best of a
+    few rounds, since other programs on the machine only ever slow a round down."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    gpt = __import__("05_gpt")
+    from shared.cli import select_device
+    from shared.data import get_batch, load_dataset
+    device = select_device("auto")
+    preset = "cpu" if device.type == "cpu" else "shakespeare"
+    args = types.SimpleNamespace(**gpt.flag_defaults(preset), dtype=gpt.resolve_dtype(dtype, device))
+    tokenizer, train_data, _ = load_dataset(None, args.block_size)
+    torch.manual_seed(1337)
+    config = gpt.GPTConfig(block_size=args.block_size, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
+                           n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    model = gpt.GPT(config).to(device)
+    optimizer = gpt.configure_optimizer(model, args)
+    step, best = 0, float("inf")
+    for round_ in range(rounds + 1):  # round 0 warms up
+        start = time.time()
+        for _ in range(steps):
+            batch = get_batch(train_data, args.batch_size, args.block_size, device)
+            gpt.train_step(model, optimizer, [batch], args, step)  # its loss.item() waits for a GPU
+            step += 1
+        if round_:
+            best = min(best, (time.time() - start) / steps)
+    return {"preset": preset, "dtype": args.dtype, "tokens_per_second": args.batch_size * args.block_size / best,
+            "peak_memory_mb": peak_memory_mb(device)}
+
+
+def measure_generation(new_tokens=500):
+    """Tokens per second of generate() with the shakespeare preset, with and without the cache."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    gpt = __import__("05_gpt")
+    from shared.cli import select_device
+    device = select_device("auto")
+    torch.manual_seed(1337)
+    model = gpt.GPT(dataclasses.replace(gpt.PRESETS["shakespeare"], vocab_size=65)).to(device).eval()
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)  # speed doesn't depend on the weights
+    result = {}
+    for use_cache in (True, False):
+        gpt.generate(model, prompt, 20, use_cache=use_cache)  # warm-up
+        start = time.time()
+        out = gpt.generate(model, prompt, new_tokens, use_cache=use_cache)
+        out.tolist()
+        result["cached" if use_cache else "uncached"] = new_tokens / (time.time() - start)
+    return result
+
+
+def default_run(*flags):
+    """05_gpt.py with its defaults (plus flags): its loss history, and the command's wall time."""
+    with tempfile.TemporaryDirectory() as out:
+        start = time.time()
+        subprocess.run([sys.executable, "05_gpt.py", "--max-new-tokens", "0", "--out", out, *flags], cwd=ROOT,
+                       check=True, capture_output=True)
+        wall = time.time() - start
+        return json.loads((Path(out) / "metrics.json").read_text()), wall
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        print(json.dumps(measure_training(*rest) if kind == "train" else measure_generation()))
+        return
+
+    import torch
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
+          f"Python {platform.python_version()}, PyTorch {torch.__version__}\n")
+
+    fp32, default = child("train", "float32"), child("train", "auto")
+    print(f"training, preset {default['preset']} | tokens/s | peak memory")
+    print(f"  float32 eager             | {fp32['tokens_per_second']:9,.0f} | {fp32['peak_memory_mb']:,.0f} MB")
+    print(f"  default path ({default['dtype']:>8}) | {default['tokens_per_second']:9,.0f} | "
+          f"{default['peak_memory_mb']:,.0f} MB")
+    print(f"  ratio                     | {default['tokens_per_second'] / fp32['tokens_per_second']:8.2f}x\n")
+
+    gen = child("generate")
+    print("generation, shakespeare preset, 500 new tokens | tokens/s")
+    print(f"  without KV cache | {gen['uncached']:7,.0f}")
+    print(f"  with KV cache    | {gen['cached']:7,.0f}")
+    print(f"  ratio            | {gen['cached'] / gen['uncached']:6.2f}x\n")
+
+    runs = {"default": default_run(), "float32": default_run("--dtype", "float32")}
+    print("python 05_gpt.py: validation loss by step (default path against --dtype float32)")
+    print("   step | default: s   val  | float32: s   val")
+    for a, b in zip(runs["default"][0]["history"], runs["float32"][0]["history"]):
+        print(f"  {a['step']:5} | {a['seconds']:8.0f} {a['val']:.4f} | {b['seconds']:8.0f} {b['val']:.4f}")
+    print("\nbest validation loss reached by wall-clock time (training seconds)")
+    print("  seconds | default | float32")
+    for limit in (30, 60, 90, 120):
+        best = [min((h["val"] for h in run[0]["history"] if h["seconds"] <= limit), default=float("nan"))
+                for run in runs.values()]
+        print(f"  {limit:7} | {best[0]:7.4f} | {best[1]:7.4f}")
+    print(f"\nwhole command, startup and evaluations included: default {runs['default'][1]:.0f} s, "
+          f"float32 {runs['float32'][1]:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
