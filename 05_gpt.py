@@ -729,19 +729,21 @@ def main(argv=None):
     ddp_model = DDP(model) if world_size > 1 else model
     history, tokens_per_second = train(ddp_model, optimizer, train_data, val_data, args, device,
                                        chars_per_token, step, history, on_checkpoint)
-    if history and rank == 0:
+    if dist.is_initialized():
+        dist.barrier()  # leave together: a process gone early can abort the others' teardown
+        dist.destroy_process_group()
+    if rank > 0:
+        return
+    if history:
         path = save_metrics(args.out, {
             "stage": Path(__file__).stem, "hyperparameters": vars(args), "parameters": breakdown["total"],
             "vocab_size": tokenizer.vocab_size, "device": str(device), "tokens_per_second": tokens_per_second,
             "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
             "val_bpc": history[-1]["val_bpc"], "history": history})
         print(f"metrics written to {path}; checkpoint in {checkpoint_path}")
-    if rank == 0:
-        print_samples(model, tokenizer, args, device, {
-            "greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
-            "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)})
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    print_samples(model, tokenizer, args, device, {
+        "greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
+        "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)})
 
 
 if __name__ == "__main__":

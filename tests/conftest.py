@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shared.cli import run
 from shared.data import CharTokenizer, read_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -12,6 +13,17 @@ STAGES = ["01_bigram", "02_single_head", "03_multi_head", "04_block"]
 
 def load_stage(name):
     return importlib.import_module(name)
+
+
+def stage_error(capsys, main, *argv):
+    """Run a stage's main() as its command line does: it must end with exit status 2 and one line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: main(list(argv)))
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
 
 
 def build_model(stage, vocab_size, block_size=16, n_embd=24, n_head=3, n_layer=2, dropout=0.1):

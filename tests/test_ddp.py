@@ -61,6 +61,7 @@ STEP_ON_EACH_RANK = textwrap.dedent("""
     gpt.train_step(ddp_model, gpt.configure_optimizer(model, args), [(x[rows], y[rows])], args, step=0)
     if rank == 0:
         torch.save(model.state_dict(), sys.argv[2])
+    dist.barrier()
     dist.destroy_process_group()
 """)
 

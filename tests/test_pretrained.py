@@ -1,12 +1,13 @@
 """Stage 05 with GPT-2's weights through Hugging Face transformers, all offline: a small GPT-2 with
 random weights stands in for OpenAI's, saved and loaded the way a downloaded one would be."""
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, load_stage
+from conftest import ROOT, load_stage, stage_error
 
 transformers = pytest.importorskip("transformers")
 gpt = load_stage("05_gpt")
@@ -25,11 +26,6 @@ def hf_model_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
     model.save_pretrained(folder)
     return folder, model
-
-
-def run_gpt(*flags, **env):
-    return subprocess.run([sys.executable, "05_gpt.py", *flags], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**__import__("os").environ, **env})
 
 
 def test_loaded_weights_give_hugging_faces_logits(hf_model_folder):
@@ -62,35 +58,36 @@ def test_cropping_the_context_keeps_the_first_positions(hf_model_folder):
         torch.testing.assert_close(model.eval()(idx)[0], hf_model(idx).logits, atol=1e-4, rtol=0)
 
 
-def test_fine_tune_from_loaded_weights_then_sample(hf_model_folder, tmp_path):
+def test_fine_tune_from_loaded_weights_then_sample(hf_model_folder, tmp_path, capsys):
     folder, _ = hf_model_folder
-    trained = run_gpt("--init-from", str(folder), "--block-size", "16", "--batch-size", "4", "--max-iters", "10",
-                      "--eval-interval", "10", "--eval-iters", "2", "--lr", "1e-3", "--max-new-tokens", "5",
-                      "--out", str(tmp_path))
-    assert trained.returncode == 0, trained.stderr
-    losses = [float(line.split("val loss ")[1].split(",")[0]) for line in trained.stdout.splitlines()
+    gpt.main(["--init-from", str(folder), "--block-size", "16", "--batch-size", "4", "--max-iters", "10",
+              "--eval-interval", "10", "--eval-iters", "2", "--lr", "1e-3", "--max-new-tokens", "5",
+              "--out", str(tmp_path)])
+    losses = [float(line.split("val loss ")[1].split(",")[0]) for line in capsys.readouterr().out.splitlines()
               if "val loss" in line]
     assert len(losses) == 2 and losses[1] < losses[0]
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["config"]["block_size"] == 16 and checkpoint["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"}
-    sampled = run_gpt("--sample", "--out", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "5")
-    assert sampled.returncode == 0 and "ROMEO:" in sampled.stdout
-    direct = run_gpt("--init-from", str(folder), "--sample", "--prompt", "Hello", "--max-new-tokens", "5")
-    assert direct.returncode == 0 and "Hello" in direct.stdout
+    gpt.main(["--sample", "--out", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "5"])
+    assert "ROMEO:" in capsys.readouterr().out
+    gpt.main(["--init-from", str(folder), "--sample", "--prompt", "Hello", "--max-new-tokens", "5"])
+    assert "Hello" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--block-size", "64"], "longer than"),
     (["--tokenizer", "char"], "--tokenizer gpt2"),
 ])
-def test_bad_pretrained_flags_get_one_sentence(hf_model_folder, flags, message):
-    result = run_gpt("--init-from", str(hf_model_folder[0]), *flags, "--max-iters", "1")
-    assert result.returncode == 2 and message in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+def test_bad_pretrained_flags_get_one_sentence(hf_model_folder, capsys, flags, message):
+    assert message in stage_error(capsys, gpt.main, "--init-from", str(hf_model_folder[0]), *flags,
+                                  "--max-iters", "1")
 
 
 def test_offline_without_a_local_folder_gets_one_sentence(tmp_path):
-    result = run_gpt("--init-from", "gpt2", "--sample", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
+    # a fresh process, as the hub library reads these variables when it is first imported
+    result = subprocess.run([sys.executable, "05_gpt.py", "--init-from", "gpt2", "--sample"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert result.returncode == 2 and "could not load GPT-2 weights from 'gpt2'" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

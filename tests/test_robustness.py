@@ -11,8 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, load_stage
-from shared.cli import run
+from conftest import ROOT, stage_error, load_stage
 
 gpt = load_stage("05_gpt")
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
@@ -20,14 +19,7 @@ TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16
 
 
 def error_of(capsys, *argv):
-    """Run 05_gpt.py's main as the command line does; it must end with status 2 and one line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        run(lambda: gpt.main(list(argv)))
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
+    return stage_error(capsys, gpt.main, *argv)
 
 
 @pytest.fixture(scope="module")
