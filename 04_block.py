@@ -8,6 +8,7 @@ LayerNorm, which keep a deep stack trainable; dropout (off by default: in this s
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
 Expect: val loss 1.85 after 3000 steps (no blocks: 2.23), in 50 s; a sample with names and verse.
 """
+import math
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch.nn import functional as F
 
 from shared.cli import parse_args, run, save_metrics, select_device
 from shared.data import get_batch, load_dataset
+from shared.report import plot_attention
 
 # Hyperparameters: the defaults of the command-line flags (--batch-size 64, --lr 3e-3, ...).
 hyperparameters = dict(
@@ -222,7 +224,7 @@ def generate(model, idx, max_new_tokens):
 
 
 def main(argv=None):
-    args = parse_args(argv, __doc__.split("\n\n")[0], hyperparameters)
+    args = parse_args(argv, __doc__.split("\n\n")[0], hyperparameters, has_attention=True)
     torch.manual_seed(args.seed)
     device = select_device(args.device)
     tokenizer, train_data, val_data = load_dataset(args.data, args.block_size)
@@ -234,10 +236,13 @@ def main(argv=None):
     history, tokens_per_second = train(model, train_data, val_data, args, device)
     if args.out and history:
         path = save_metrics(args.out, {
-            "stage": Path(__file__).stem, "hyperparameters": vars(args), "parameters": n_params,
-            "vocab_size": tokenizer.vocab_size, "device": str(device), "tokens_per_second": tokens_per_second,
-            "train_loss": history[-1]["train"], "val_loss": history[-1]["val"], "history": history})
+            "stage": Path(__file__).stem, "config": vars(args), "parameters": n_params,
+            "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size, "device": str(device),
+            "history": history, "tokens_per_second": tokens_per_second, "train_loss": history[-1]["train"],
+            "val_loss": history[-1]["val"], "val_bpc": history[-1]["val"] / math.log(2)})  # 1 token, 1 char
         print(f"metrics written to {path}")
+    if args.plot_attention:
+        plot_attention(model, tokenizer, val_data[:32], args.out or ".")  # the val text's first tokens
 
     context = torch.zeros((1, 1), dtype=torch.long, device=device)  # token 0 ('\n' in Tiny Shakespeare)
     print("-" * 80)

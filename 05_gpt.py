@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from shared import UserError
 from shared.cli import checked, parse_args, run, save_metrics, select_device
 from shared.data import TiktokenTokenizer, get_batch, load_dataset, tokenizer_from_identity
+from shared.report import plot_attention
 
 
 @dataclass
@@ -133,6 +134,16 @@ class CausalSelfAttention(nn.Module):
                                                dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
+
+    def attention_weights(self, x):
+        """The weights the fused kernel applies but never returns, spelled out as in stage 04
+        for looking at (--plot-attention): (B, n_head, T, T)."""
+        B, T, C = x.shape
+        q, k, _ = self.c_attn(x).split(C, dim=2)
+        q, k = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k))
+        scores = q @ k.transpose(-2, -1) * k.size(-1) ** -0.5  # (B, n_head, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
 
 class MLP(nn.Module):
@@ -660,10 +671,11 @@ def print_samples(model, tokenizer, args, device, strategies):
 
 
 def main(argv=None):
-    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults("cpu"), add_flags)
+    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults("cpu"), add_flags, has_attention=True)
     rank, world_size, device = setup_distributed(select_device(args.device))
     preset = args.preset or ("cpu" if device.type == "cpu" else "shakespeare")
-    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults(preset, args.init_from), add_flags)
+    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults(preset, args.init_from), add_flags,
+                      has_attention=True)
     args.world_size, args.dtype = world_size, resolve_dtype(args.dtype, device)
     if args.init_from and args.tokenizer not in (None, "gpt2"):
         raise UserError("GPT-2's weights go with GPT-2's tokens: use --tokenizer gpt2 (the default "
@@ -679,6 +691,8 @@ def main(argv=None):
         else:
             model, tokenizer = load_checkpoint(checkpoint_path)
         check_top_k(args, tokenizer)
+        if args.plot_attention:
+            plot_attention(model.to(device), tokenizer, torch.tensor(tokenizer.encode(args.prompt)), args.out)
         print_samples(model.to(device), tokenizer, args, device, {"sample": dict(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)})
         return
@@ -736,11 +750,13 @@ def main(argv=None):
         return
     if history:
         path = save_metrics(args.out, {
-            "stage": Path(__file__).stem, "hyperparameters": vars(args), "parameters": breakdown["total"],
-            "vocab_size": tokenizer.vocab_size, "device": str(device), "tokens_per_second": tokens_per_second,
-            "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
-            "val_bpc": history[-1]["val_bpc"], "history": history})
+            "stage": Path(__file__).stem, "config": vars(args), "parameters": breakdown["total"],
+            "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size, "device": str(device),
+            "history": history, "tokens_per_second": tokens_per_second, "train_loss": history[-1]["train"],
+            "val_loss": history[-1]["val"], "val_bpc": history[-1]["val_bpc"]})
         print(f"metrics written to {path}; checkpoint in {checkpoint_path}")
+    if args.plot_attention:
+        plot_attention(model, tokenizer, val_data[:32], args.out)  # the val text's first tokens
     print_samples(model, tokenizer, args, device, {
         "greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
         "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)})

@@ -54,10 +54,10 @@ def checked(name, kind):
     return convert
 
 
-def parse_args(argv, description, hyperparameters, add_flags=None):
+def parse_args(argv, description, hyperparameters, add_flags=None, has_attention=False):
     """Every hyperparameter of the stage becomes a flag (batch_size -> --batch-size), plus the
-    flags all stages share and any that add_flags(parser) adds. Bad values stop the program with
-    one sentence and status 2."""
+    flags all stages share, --plot-attention where the model has attention, and any flags that
+    add_flags(parser) adds. Bad values stop the program with one sentence and status 2."""
     parser = _Parser(description=description, allow_abbrev=False,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, default in hyperparameters.items():
@@ -69,7 +69,11 @@ def parse_args(argv, description, hyperparameters, add_flags=None):
     parser.add_argument("--data", metavar="FILE", help="train on this UTF-8 text file instead of Tiny Shakespeare")
     parser.add_argument("--max-new-tokens", type=checked("max_new_tokens", int), default=500,
                         help="length of the sample printed at the end")
-    parser.add_argument("--out", metavar="DIR", help="write the run's metrics.json into this folder")
+    parser.add_argument("--out", metavar="DIR", help="write the run's metrics.json and loss.png into this folder")
+    if has_attention:
+        parser.add_argument("--plot-attention", action="store_true",
+                            help="save the attention weights for the start of the val text as attention.png "
+                                 "in --out (or here)")
     if add_flags:
         add_flags(parser)
     args = parser.parse_args(argv)
@@ -91,16 +95,20 @@ def select_device(name="auto"):
 
 
 def save_metrics(out_dir, metrics):
-    """Write metrics.json into out_dir, atomically: a reader never sees half a file."""
+    """Write metrics.json, with the machine the run used, and the loss curves as loss.png into
+    out_dir. The JSON is written atomically: a reader never sees half a file."""
+    from shared.report import machine, plot_losses  # matplotlib only for runs that keep their metrics
     out_dir = Path(out_dir)
+    metrics = {**metrics, "machine": machine(metrics["device"])}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(metrics, f, indent=2)
         os.replace(tmp, out_dir / "metrics.json")
+        plot_losses(metrics, out_dir / "loss.png")
     except OSError as err:
-        raise UserError(f"--out {out_dir}: cannot write metrics.json ({err.strerror})") from None
+        raise UserError(f"--out {out_dir}: cannot write the run's metrics ({err.strerror})") from None
     return out_dir / "metrics.json"
 
 

@@ -33,7 +33,7 @@ def test_two_processes_train_write_one_checkpoint_and_resume(tmp_path):
     assert "x 2 processes = 128 tokens per step" in first.stdout
     losses = val_losses(first.stdout)
     assert list(losses) == [0, 10, 20] and losses[20] < losses[0] - 0.3  # printed once, by rank 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "metrics.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "loss.png", "metrics.json"]
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 20 and len(checkpoint["rng_states"]) == 2
 

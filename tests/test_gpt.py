@@ -249,10 +249,6 @@ def test_command_line_trains_saves_and_samples(tmp_path):
     again = run_gpt("--sample", "--out", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "30",
                     "--temperature", "0.8", "--top-k", "40", "--top-p", "0.95", "--num-samples", "3", "--seed", "7")
     assert again.stdout == sampled.stdout  # the same seed, the same samples
-    missing = run_gpt("--sample", "--out", str(tmp_path / "nothing"))
-    assert missing.returncode == 2 and "no checkpoint" in missing.stderr and "Traceback" not in missing.stderr
-    unknown = run_gpt("--sample", "--out", str(tmp_path), "--prompt", "ROMEO ü")
-    assert unknown.returncode == 2 and "'ü'" in unknown.stderr
 
 
 def test_checkpoints_load_without_running_pickled_code(tmp_path):

@@ -1,0 +1,235 @@
+"""Pictures and the progression report: loss curves, attention maps, and a table of runs.
+
+    python -m shared.report runs/          # every runs/*/metrics.json -> runs/report.md, runs/report.png
+
+Apart from the data and the command line on purpose: only here is matplotlib imported, and only
+when a picture is drawn, so a run without --out never pays for it.
+"""
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from shared import UserError
+
+# What metrics.json holds. Every stage writes exactly these fields (a test checks it).
+METRICS_FIELDS = {
+    "stage": "the script's name, such as 03_multi_head",
+    "config": "every flag of the run, defaults included",
+    "parameters": "the model's parameter count",
+    "tokenizer": "the tokenizer's identity: its kind and its characters, or its tiktoken name",
+    "vocab_size": "tokens in the vocabulary",
+    "device": "cpu, cuda or mps",
+    "machine": "the processor or GPU, and the CPU threads PyTorch used",
+    "history": "one entry per evaluation: step, seconds since training began, train and val loss",
+    "tokens_per_second": "training tokens per second, evaluation excluded",
+    "train_loss": "the last evaluation's train loss",
+    "val_loss": "the last evaluation's val loss",
+    "val_bpc": "the last val loss in bits per character, comparable across tokenizers",
+}
+
+# The one idea each stage adds, for the report's table.
+CONCEPTS = {
+    "01_bigram": "a table of next-character scores",
+    "02_single_head": "one causal self-attention head, position embeddings",
+    "03_multi_head": "several heads side by side",
+    "04_block": "MLP, residual connections, LayerNorm, stacked blocks",
+    "05_gpt": "GPT-2: its architecture, training recipe and samplers",
+}
+
+
+def machine(device):
+    """The hardware a run used, in words: the GPU's name, or the CPU's and its thread count."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    if device == "mps":
+        return f"Apple GPU (MPS), {platform.machine()}"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window: works on a server or in CI
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_losses(metrics, path):
+    """loss.png: the train and val loss of one run against the training step."""
+    plt = pyplot()
+    steps = [h["step"] for h in metrics["history"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [h["train"] for h in metrics["history"]], "o-", label="train")
+    ax.plot(steps, [h["val"] for h in metrics["history"]], "o-", label="val")
+    ax.set(xlabel="step", ylabel="loss (nats per token)",
+           title=f"{metrics['stage']}: val loss {metrics['val_loss']:.3f} after {steps[-1]} steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def attention_maps(model, idx):
+    """The attention weights of every layer and head for one sequence idx of shape (1, T), as a
+    list of layers, each a (heads, T, T) tensor. Any module with an attention_weights(x) method
+    counts; in stages 02-04 that is each Head, gathered into a layer by the MultiHeadAttention
+    (".heads.") that holds it, in stage 05 each layer's CausalSelfAttention, all heads at once."""
+    inputs = {}
+
+    def keep_input(name):
+        def hook(module, args, output):
+            inputs[name] = args[0]  # returns None, so the output goes on unchanged
+        return hook
+
+    hooks = [module.register_forward_hook(keep_input(name))
+             for name, module in model.named_modules() if hasattr(module, "attention_weights")]
+    was_training = model.training
+    try:
+        model.eval()(idx)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    layers = {}
+    for name, x in inputs.items():
+        weights = model.get_submodule(name).attention_weights(x)[0].float()  # ([heads,] T, T)
+        layers.setdefault(name.split(".heads.")[0], []).append(weights.view(-1, *weights.shape[-2:]))
+    return [torch.cat(heads) for heads in layers.values()]
+
+
+def token_labels(tokenizer, ids):
+    """Each token as it reads, with the invisible characters made visible."""
+    return [tokenizer.decode([i]).replace("\n", "\\n").replace(" ", "␣") for i in ids]
+
+
+def plot_attention(model, tokenizer, ids, out_dir):
+    """attention.png in out_dir: one heatmap per head (a row of them per layer) of how much each
+    token of the prompt ids, a 1-D tensor, takes from each earlier one; rows are queries, columns
+    keys."""
+    idx = ids[None, :model.block_size].to(next(model.parameters()).device)  # (1, T)
+    layers = attention_maps(model, idx)
+    labels = token_labels(tokenizer, idx[0].tolist())
+    n_rows, n_cols, T = len(layers), max(len(heads) for heads in layers), idx.size(1)
+    plt = pyplot()
+    from matplotlib.colors import PowerNorm
+    side = max(1.6, min(3.2, 12 / n_cols))  # inches per panel: a 12-head layer still fits a page
+    fontsize = max(3.0, min(8.0, 50 * side / T))  # one label per token, as large as the panel allows
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(side * n_cols + 1, side * n_rows + 0.6),
+                             squeeze=False, layout="constrained")
+    for row, heads in enumerate(layers):
+        for col in range(n_cols):
+            ax = axes[row][col]
+            if col >= len(heads):
+                ax.axis("off")
+                continue
+            # a square-root colour scale, so the small weights spread over many tokens still show
+            image = ax.imshow(heads[col].cpu().numpy(), cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1))
+            ax.set_title(f"layer {row + 1}, head {col + 1}" if n_rows > 1 else f"head {col + 1}",
+                         fontsize=8)
+            ax.set_xticks(range(T), labels if row == n_rows - 1 else [], rotation=90, fontsize=fontsize)
+            ax.set_yticks(range(T), labels if col == 0 else [], fontsize=fontsize)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+    fig.suptitle("row t: how much position t takes from each position 0..t (queries down, keys across)",
+                 fontsize=9)
+    path = Path(out_dir) / "attention.png"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=130)
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({err.strerror})") from None
+    finally:
+        plt.close(fig)
+    print(f"attention maps written to {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------- the report
+
+def read_runs(folders):
+    """The metrics of every run in the folders given: each folder is a run, or holds runs."""
+    runs = []
+    for folder in map(Path, folders):
+        paths = [folder / "metrics.json"] if (folder / "metrics.json").is_file() else \
+            sorted(folder.glob("*/metrics.json"))
+        if not paths:
+            raise UserError(f"{folder} holds no metrics.json; run a stage with --out {folder}/NAME first")
+        for path in paths:
+            try:
+                metrics = json.loads(path.read_text())
+                missing = set(METRICS_FIELDS) - set(metrics)
+            except (OSError, ValueError, TypeError):
+                raise UserError(f"{path} is not a metrics.json written by a stage") from None
+            if missing:
+                raise UserError(f"{path} lacks {', '.join(sorted(missing))}; run its stage again")
+            runs.append(metrics)
+    return sorted(runs, key=lambda m: m["stage"])
+
+
+def minutes_seconds(seconds):
+    return f"{seconds // 60:.0f}:{seconds % 60:04.1f}"
+
+
+def table(runs):
+    """The runs as a Markdown table, one row each."""
+    lines = ["| stage | concept added | parameters | val loss | bits/char | wall time | machine |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for m in runs:
+        lines.append(f"| {m['stage']} | {CONCEPTS.get(m['stage'], '')} | {m['parameters']:,} | "
+                     f"{m['val_loss']:.4f} | {m['val_bpc']:.3f} | {minutes_seconds(m['history'][-1]['seconds'])} "
+                     f"| {m['machine']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_progression(runs, path):
+    """Every run's val loss against wall time and against step, one line per run."""
+    plt = pyplot()
+    fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for m in runs:
+        history = m["history"]
+        val = [h["val"] for h in history]
+        by_time.plot([h["seconds"] for h in history], val, "o-", markersize=3, label=m["stage"])
+        by_step.plot([h["step"] for h in history], val, "o-", markersize=3, label=m["stage"])
+    by_time.set(xlabel="wall time (s), evaluation included", ylabel="val loss (nats per token)")
+    by_step.set(xlabel="training step")
+    for ax in (by_time, by_step):
+        ax.grid(alpha=0.3)
+    by_step.legend()
+    fig.suptitle("validation loss, stage by stage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m shared.report", description="A Markdown table and a "
+                                     "figure of the val loss of every run found in the folders given.")
+    parser.add_argument("folders", nargs="+", metavar="DIR", help="a run's --out folder, or a folder of them")
+    parser.add_argument("--out", metavar="DIR", help="where report.md and report.png go "
+                        "(default: the first folder given)")
+    args = parser.parse_args(argv)
+    runs = read_runs(args.folders)
+    out = Path(args.out or args.folders[0])
+    markdown = table(runs)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(markdown)
+        plot_progression(runs, out / "report.png")
+    except OSError as err:
+        raise UserError(f"cannot write the report into {out} ({err.strerror})") from None
+    print(markdown)
+    print(f"table in {out / 'report.md'}, figure in {out / 'report.png'}")
+
+
+if __name__ == "__main__":
+    from shared.cli import run
+    run(main)

@@ -1,0 +1,120 @@
+"""What a run leaves behind (metrics.json, loss.png, attention.png) and the report made from runs."""
+import contextlib
+import io
+import math
+import re
+import struct
+
+import matplotlib.image
+import pytest
+import torch
+
+from conftest import STAGES, build_model, load_stage, stage_error
+from shared import report
+
+ALL_STAGES = STAGES + ["05_gpt"]
+QUICK = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2", "--max-new-tokens", "0", "--seed", "0"]
+SMALL_GPT = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each stage trained for a few steps with --out (and --plot-attention from 02 on), and what
+    each printed."""
+    root = tmp_path_factory.mktemp("runs")
+    printed = {}
+    for name in ALL_STAGES:
+        flags = [*QUICK, *(SMALL_GPT if name == "05_gpt" else []), "--out", str(root / name)]
+        flags += ["--plot-attention"] if name != "01_bigram" else []
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            load_stage(name).main(flags)
+        printed[name] = stdout.getvalue()
+    return root, printed
+
+
+def assert_image(path, min_side=300):
+    """path is a PNG of sensible size with something drawn on it."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    assert min_side <= width <= 8000 and min_side <= height <= 8000, (width, height)
+    assert matplotlib.image.imread(path).std() > 0.05  # not a blank canvas
+
+
+@pytest.mark.parametrize("name", ALL_STAGES)
+def test_metrics_follow_the_schema_and_the_printed_losses(runs, name):
+    root, printed = runs
+    metrics = report.read_runs([root / name])[0]
+    assert set(metrics) == set(report.METRICS_FIELDS)
+    assert metrics["stage"] == name and metrics["config"]["max_iters"] == 6
+    assert metrics["tokenizer"]["kind"] == "char" and metrics["vocab_size"] == len(metrics["tokenizer"]["chars"])
+    assert f"{metrics['parameters']:,} parameters" in printed[name]
+    lines = re.findall(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})", printed[name], re.M)
+    assert [(h["step"], f"{h['train']:.4f}", f"{h['val']:.4f}") for h in metrics["history"]] == \
+        [(int(step), train, val) for step, train, val in lines]
+    assert [h["step"] for h in metrics["history"]] == [0, 3, 6]
+    seconds = [h["seconds"] for h in metrics["history"]]
+    assert seconds == sorted(seconds) and metrics["tokens_per_second"] > 0
+    last = metrics["history"][-1]
+    assert (metrics["train_loss"], metrics["val_loss"]) == (last["train"], last["val"])
+    assert metrics["val_bpc"] == pytest.approx(last["val"] / math.log(2))  # one token is one character
+    assert metrics["machine"]
+
+
+@pytest.mark.parametrize("name", ALL_STAGES)
+def test_each_run_draws_its_loss_curves_and_attention(runs, name):
+    root, printed = runs
+    assert_image(root / name / "loss.png")
+    if name == "01_bigram":
+        assert not (root / name / "attention.png").exists()  # a bigram table has no attention
+    else:
+        assert_image(root / name / "attention.png")
+        assert f"attention maps written to {root / name / 'attention.png'}" in printed[name]
+
+
+@pytest.mark.parametrize("name,layers,heads", [("02_single_head", 1, 1), ("03_multi_head", 1, 3),
+                                               ("04_block", 2, 3), ("05_gpt", 2, 3)])
+def test_attention_maps_come_per_layer_and_head_and_are_causal(name, layers, heads):
+    stage = load_stage(name)
+    if name == "05_gpt":
+        model = stage.GPT(stage.GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=3, n_embd=24))
+    else:
+        model = build_model(stage, 65, n_embd=24, n_head=3, n_layer=2)
+    maps = report.attention_maps(model.train(), torch.randint(65, (1, 12)))
+    assert len(maps) == layers and all(m.shape == (heads, 12, 12) for m in maps)
+    for weights in maps:
+        assert torch.equal(weights.triu(1), torch.zeros_like(weights))  # nothing from the future
+        torch.testing.assert_close(weights.sum(-1), torch.ones(heads, 12))
+    assert model.training  # left as it was found
+
+
+def test_the_plotted_weights_are_the_ones_the_fused_kernel_applies():
+    gpt = load_stage("05_gpt")
+    config = gpt.GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=4, n_embd=32)
+    attention = gpt.CausalSelfAttention(config, layer=0).eval()
+    x = torch.randn(2, 10, 32)
+    v = attention.c_attn(x).split(32, dim=2)[2].view(2, 10, 4, 8).transpose(1, 2)
+    y = (attention.attention_weights(x) @ v).transpose(1, 2).reshape(2, 10, 32)
+    torch.testing.assert_close(attention.c_proj(y), attention(x))
+
+
+def test_report_has_a_row_per_run_and_a_figure(runs, tmp_path):
+    root, _ = runs
+    with contextlib.redirect_stdout(io.StringIO()):
+        report.main([str(root)])
+    rows = (root / "report.md").read_text().splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == ALL_STAGES
+    assert all(len(row.split("|")) == 9 for row in rows)  # 7 columns
+    assert_image(root / "report.png")
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        report.main([str(root / "04_block"), str(root / "01_bigram"), "--out", str(tmp_path)])
+    rows = (tmp_path / "report.md").read_text().splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == ["01_bigram", "04_block"]
+
+
+def test_report_of_a_folder_without_runs(capsys, tmp_path):
+    assert "holds no metrics.json" in stage_error(capsys, report.main, str(tmp_path))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text('{"stage": "01_bigram"}')
+    assert "lacks" in stage_error(capsys, report.main, str(tmp_path))
