@@ -108,8 +108,9 @@ def main():
         return
 
     import torch
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
+    sys.path.insert(0, str(ROOT))
+    from shared.report import machine
+    print(f"machine: {machine('cpu')}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
           f"Python {platform.python_version()}, PyTorch {torch.__version__}\n")
 
     fp32, default = child("train", "float32"), child("train", "auto")

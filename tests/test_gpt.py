@@ -84,6 +84,32 @@ def test_fused_attention_equals_the_explicit_masked_softmax():
     torch.testing.assert_close(attn(x), attn.c_proj(y), atol=1e-6, rtol=1e-5)
 
 
+def test_the_bfloat16_path_spells_out_the_same_attention():
+    """Under CPU autocast attention runs as explicit bfloat16 products, not the fused kernel."""
+    torch.manual_seed(0)
+    attn = gpt.CausalSelfAttention(gpt.GPTConfig(n_head=4, n_embd=32, bias=True), layer=0).eval()
+    x = torch.randn(2, 10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = attn(x)
+    torch.testing.assert_close(fast.float(), attn(x), atol=2e-2, rtol=2e-2)
+    model = tiny_model().eval()
+    idx = torch.randint(V, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % V
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(idx)[0][:, :9], model(changed)[0][:, :9])  # still causal
+
+
+def test_queries_after_a_cache_see_every_earlier_key():
+    q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 7, 8)  # 3 new queries after 4 cached keys
+    weights = gpt.causal_attention_weights(q, k)
+    allowed = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 3))
+    assert torch.equal(weights > 0, allowed.expand(2, 4, 3, 7))
+    v = torch.randn(2, 4, 7, 8)
+    torch.testing.assert_close(weights @ v, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
+
+
 def test_changing_a_later_token_leaves_earlier_logits_unchanged():
     model = tiny_model().eval()
     idx = torch.randint(V, (2, 16))
