@@ -38,9 +38,11 @@ def peak_memory_mb(device):
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def measure_training(dtype, rounds=5, steps=10):
-    """Tokens per second of train_step on the default preset's model and batches: the best of a
-    few rounds, since other programs on the machine only ever slow a round down."""
+def measure_training(dtypes, rounds, steps=10):
+    """Tokens per second of train_step for each dtype, on the default preset's model and batches,
+    and the peak memory of it all. The dtypes take turns, a round of steps each, so that a slow
+    spell of the machine hits them alike; each keeps its best round, since other programs only
+    ever slow a round down."""
     import torch
     sys.path.insert(0, str(ROOT))
     gpt = __import__("05_gpt")
@@ -48,28 +50,34 @@ def measure_training(dtype, rounds=5, steps=10):
     from shared.data import get_batch, load_dataset
     device = select_device("auto")
     preset = "cpu" if device.type == "cpu" else "shakespeare"
-    args = types.SimpleNamespace(**gpt.flag_defaults(preset), dtype=gpt.resolve_dtype(dtype, device))
-    tokenizer, train_data, _ = load_dataset(None, args.block_size)
-    torch.manual_seed(1337)
-    config = gpt.GPTConfig(block_size=args.block_size, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
-                           n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
-    model = gpt.GPT(config).to(device)
-    optimizer = gpt.configure_optimizer(model, args)
-    step, best = 0, float("inf")
+    defaults = gpt.flag_defaults(preset)
+    tokenizer, train_data, _ = load_dataset(None, defaults["block_size"])
+    runs = {}
+    for dtype in dtypes:
+        args = types.SimpleNamespace(**defaults, dtype=gpt.resolve_dtype(dtype, device))
+        torch.manual_seed(1337)
+        config = gpt.GPTConfig(block_size=args.block_size, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
+                               n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+        model = gpt.GPT(config).to(device)
+        runs[dtype] = dict(args=args, model=model, optimizer=gpt.configure_optimizer(model, args), step=0,
+                           best=float("inf"))
     for round_ in range(rounds + 1):  # round 0 warms up
-        start = time.time()
-        for _ in range(steps):
-            batch = get_batch(train_data, args.batch_size, args.block_size, device)
-            gpt.train_step(model, optimizer, [batch], args, step)  # its loss.item() waits for a GPU
-            step += 1
-        if round_:
-            best = min(best, (time.time() - start) / steps)
-    return {"preset": preset, "dtype": args.dtype, "tokens_per_second": args.batch_size * args.block_size / best,
-            "peak_memory_mb": peak_memory_mb(device)}
+        for run in runs.values():
+            args, start = run["args"], time.time()
+            for _ in range(steps):
+                batch = get_batch(train_data, args.batch_size, args.block_size, device)
+                gpt.train_step(run["model"], run["optimizer"], [batch], args, run["step"])  # .item() waits for a GPU
+                run["step"] += 1
+            if round_:
+                run["best"] = min(run["best"], (time.time() - start) / steps)
+    return {"preset": preset, "peak_memory_mb": peak_memory_mb(device), **{
+        dtype: {"dtype": run["args"].dtype, "tokens_per_second": defaults["batch_size"] * defaults["block_size"]
+                / run["best"]} for dtype, run in runs.items()}}
 
 
-def measure_generation(new_tokens=500):
-    """Tokens per second of generate() with the shakespeare preset, with and without the cache."""
+def measure_generation(new_tokens=500, rounds=3):
+    """Tokens per second of generate() with the shakespeare preset, with and without the cache:
+    the two take turns, and each keeps its best round."""
     import torch
     sys.path.insert(0, str(ROOT))
     gpt = __import__("05_gpt")
@@ -78,14 +86,16 @@ def measure_generation(new_tokens=500):
     torch.manual_seed(1337)
     model = gpt.GPT(dataclasses.replace(gpt.PRESETS["shakespeare"], vocab_size=65)).to(device).eval()
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)  # speed doesn't depend on the weights
-    result = {}
+    best = {"cached": 0.0, "uncached": 0.0}
     for use_cache in (True, False):
         gpt.generate(model, prompt, 20, use_cache=use_cache)  # warm-up
-        start = time.time()
-        out = gpt.generate(model, prompt, new_tokens, use_cache=use_cache)
-        out.tolist()
-        result["cached" if use_cache else "uncached"] = new_tokens / (time.time() - start)
-    return result
+    for _ in range(rounds):
+        for use_cache in (True, False):
+            start = time.time()
+            gpt.generate(model, prompt, new_tokens, use_cache=use_cache).tolist()
+            name = "cached" if use_cache else "uncached"
+            best[name] = max(best[name], new_tokens / (time.time() - start))
+    return best
 
 
 def default_run(*flags):
@@ -103,8 +113,11 @@ def main():
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, *rest = args.child
-        print(json.dumps(measure_training(*rest) if kind == "train" else measure_generation()))
+        kind, *dtypes = args.child
+        if kind == "train":  # one dtype: its peak memory; several: their speeds, taking turns
+            print(json.dumps(measure_training(dtypes, rounds=1 if len(dtypes) == 1 else 8)))
+        else:
+            print(json.dumps(measure_generation()))
         return
 
     import torch
@@ -113,11 +126,13 @@ def main():
     print(f"machine: {machine('cpu')}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
           f"Python {platform.python_version()}, PyTorch {torch.__version__}\n")
 
-    fp32, default = child("train", "float32"), child("train", "auto")
-    print(f"training, preset {default['preset']} | tokens/s | peak memory")
-    print(f"  float32 eager             | {fp32['tokens_per_second']:9,.0f} | {fp32['peak_memory_mb']:,.0f} MB")
-    print(f"  default path ({default['dtype']:>8}) | {default['tokens_per_second']:9,.0f} | "
-          f"{default['peak_memory_mb']:,.0f} MB")
+    speed = child("train", "float32", "auto")
+    fp32, default = speed["float32"], speed["auto"]
+    memory = {dtype: child("train", dtype)["peak_memory_mb"] for dtype in ("float32", "auto")}
+    print(f"training, preset {speed['preset']} | tokens/s | peak memory")
+    print(f"  float32 eager             | {fp32['tokens_per_second']:9,.0f} | {memory['float32']:,.0f} MB")
+    print(f"  {'default path (' + default['dtype'] + ')':<26}| {default['tokens_per_second']:9,.0f} | "
+          f"{memory['auto']:,.0f} MB")
     print(f"  ratio                     | {default['tokens_per_second'] / fp32['tokens_per_second']:8.2f}x\n")
 
     gen = child("generate")
