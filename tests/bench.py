@@ -4,7 +4,7 @@ validation loss the default run reaches by wall-clock time, next to a float32 ru
 
 Not a test (pytest does not collect it). Run it on an otherwise idle machine:
 
-    python tests/bench.py          # about 7 minutes on 2 CPU cores
+    python tests/bench.py          # about 6 minutes on 2 CPU cores
 
 Each measurement runs in a process of its own, so that peak memory is that measurement's.
 """
