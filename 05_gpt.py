@@ -119,16 +119,20 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # output projection
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    def heads(self, x):
+        """Queries, keys and values of every head: the channels split into (B, n_head, T, head_size)."""
+        B, T, C = x.shape
+        return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                for t in self.c_attn(x).split(C, dim=2))
+
     def forward(self, x, cache=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        # split the channels into heads: (B, n_head, T, head_size)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.heads(x)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # prepend the earlier positions' keys and values
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # on a CPU, PyTorch's fused kernel is slow in bfloat16 (its backward pass about 3x slower
-            # than in float32), while spelled out, in bfloat16 matrix products, it is faster than both
+            # on a CPU, PyTorch's fused kernel is slow in bfloat16 (forward and backward 2.7x slower
+            # than in float32, measured), while spelled out in bfloat16 products it is faster than both
             y = F.dropout(causal_attention_weights(q, k), self.dropout, self.training) @ v
         else:
             # the masked softmax of stage 04 in one fused kernel; new queries may see every cached key
@@ -140,9 +144,7 @@ class CausalSelfAttention(nn.Module):
     def attention_weights(self, x):
         """The weights the fused kernel applies but never returns, for looking at
         (--plot-attention): (B, n_head, T, T)."""
-        B, T, C = x.shape
-        q, k, _ = self.c_attn(x).split(C, dim=2)
-        q, k = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k))
+        q, k, _ = self.heads(x)
         return causal_attention_weights(q, k)
 
 
@@ -700,10 +702,11 @@ def main(argv=None):
             model, tokenizer = GPT.from_pretrained(args.init_from).eval(), TiktokenTokenizer("gpt2")
         else:
             model, tokenizer = load_checkpoint(checkpoint_path)
+        model.to(device)
         check_top_k(args, tokenizer)
         if args.plot_attention:
-            plot_attention(model.to(device), tokenizer, torch.tensor(tokenizer.encode(args.prompt)), args.out)
-        print_samples(model.to(device), tokenizer, args, device, {"sample": dict(
+            plot_attention(model, tokenizer, torch.tensor(tokenizer.encode(args.prompt)), args.out)
+        print_samples(model, tokenizer, args, device, {"sample": dict(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)})
         return
 

@@ -114,8 +114,10 @@ def main():
     args = parser.parse_args()
     if args.child:
         kind, *dtypes = args.child
-        if kind == "train":  # one dtype: its peak memory; several: their speeds, taking turns
-            print(json.dumps(measure_training(dtypes, rounds=1 if len(dtypes) == 1 else 8)))
+        if kind == "speed":
+            print(json.dumps(measure_training(dtypes, rounds=8)))
+        elif kind == "memory":  # one dtype alone in its process
+            print(json.dumps(measure_training(dtypes, rounds=1)))
         else:
             print(json.dumps(measure_generation()))
         return
@@ -126,9 +128,9 @@ def main():
     print(f"machine: {machine('cpu')}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
           f"Python {platform.python_version()}, PyTorch {torch.__version__}\n")
 
-    speed = child("train", "float32", "auto")
+    speed = child("speed", "float32", "auto")
     fp32, default = speed["float32"], speed["auto"]
-    memory = {dtype: child("train", dtype)["peak_memory_mb"] for dtype in ("float32", "auto")}
+    memory = {dtype: child("memory", dtype)["peak_memory_mb"] for dtype in ("float32", "auto")}
     print(f"training, preset {speed['preset']} | tokens/s | peak memory")
     print(f"  float32 eager             | {fp32['tokens_per_second']:9,.0f} | {memory['float32']:,.0f} MB")
     print(f"  {'default path (' + default['dtype'] + ')':<26}| {default['tokens_per_second']:9,.0f} | "
