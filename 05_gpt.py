@@ -16,8 +16,8 @@ LM head, it is the output layer too; the position embedding follows it. Biases a
 gains are not decayed: pulling them toward zero only shifts and shrinks activations.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
-Expect: val loss 1.73 (2.49 bits/char) after 800 steps of the cpu preset, 114 s into training
-(about two minutes for the whole command, on a CPU with native bfloat16); four samples.
+Expect: val loss 1.73 (2.50 bits/char) after 800 steps of the cpu preset, 72 s into training
+(78 s for the whole command, on a 2-core CPU with native bfloat16); four samples.
 The checkpoint goes to runs/05_gpt/ (--out DIR for another folder); sample from it with
         python 05_gpt.py --sample --prompt "ROMEO:" --temperature 0.8 --top-k 40 --top-p 0.95
 """
@@ -52,11 +52,15 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in the Linear layers and LayerNorms, as in GPT-2
+    gelu: str = "tanh"  # GPT-2's tanh approximation of GELU, or "none": the exact (erf) GELU
 
 
 # Model shapes. vocab_size is set by the tokenizer at training time.
 PRESETS = {
-    "cpu": GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128),
+    # trained from scratch, so free to use the exact GELU, which on a CPU runs 2.6x faster than
+    # GPT-2's tanh approximation (forward and backward, measured) and trains as well. 3 layers,
+    # not 4: 4 reach a slightly lower loss (1.72 against 1.73) but take a third more time per step
+    "cpu": GPTConfig(block_size=64, n_layer=3, n_head=4, n_embd=128, gelu="none"),
     "shakespeare": GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
@@ -164,7 +168,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # the approximation GPT-2 was trained with
+        self.gelu = nn.GELU(approximate=config.gelu)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -724,8 +728,8 @@ def main(argv=None):
     elif args.init_from:
         model = GPT.from_pretrained(args.init_from, args.block_size, args.dropout)
     else:
-        model = GPT(GPTConfig(block_size=args.block_size, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
-                              n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout))
+        model = GPT(replace(PRESETS[preset], block_size=args.block_size, vocab_size=tokenizer.vocab_size,
+                            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout))
     if model.block_size < args.block_size:
         raise UserError(f"--block-size {args.block_size} is longer than the model's context {model.block_size}")
     model.to(device)

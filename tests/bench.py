@@ -4,7 +4,7 @@ validation loss the default run reaches by wall-clock time, next to a float32 ru
 
 Not a test (pytest does not collect it). Run it on an otherwise idle machine:
 
-    python tests/bench.py          # about 6 minutes on 2 CPU cores
+    python tests/bench.py          # about 5 minutes on 2 CPU cores
 
 Each measurement runs in a process of its own, so that peak memory is that measurement's.
 """
@@ -56,9 +56,7 @@ def measure_training(dtypes, rounds, steps=10):
     for dtype in dtypes:
         args = types.SimpleNamespace(**defaults, dtype=gpt.resolve_dtype(dtype, device))
         torch.manual_seed(1337)
-        config = gpt.GPTConfig(block_size=args.block_size, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
-                               n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
-        model = gpt.GPT(config).to(device)
+        model = gpt.GPT(dataclasses.replace(gpt.PRESETS[preset], vocab_size=tokenizer.vocab_size)).to(device)
         runs[dtype] = dict(args=args, model=model, optimizer=gpt.configure_optimizer(model, args), step=0,
                            best=float("inf"))
     for round_ in range(rounds + 1):  # round 0 warms up

@@ -227,6 +227,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     model, tokenizer = gpt.load_checkpoint(tmp_path / "ckpt.pt")
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 4 and checkpoint["config"]["n_embd"] == 32
+    assert model.h[0].mlp.gelu.approximate == "none"  # the cpu preset's exact GELU, not GPT-2's tanh
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, checkpoint["model"][name])
     assert model.lm_head.weight is model.wte.weight  # still tied after loading
