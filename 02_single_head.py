@@ -9,17 +9,17 @@ Expect: val loss 2.37 after 3000 steps (bigram: 2.49), in 14 s.
 """
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from shared.cli import parse_args, run, save_metrics, select_device
+from shared import UserError, report
+from shared.cli import parse_args, run
 from shared.data import get_batch, load_dataset
-from shared.report import plot_attention
+from shared.device import build_model, select_device
 
-# Hyperparameters: the defaults of the command-line flags (--batch-size 64, --lr 3e-3, ...).
+# %% Hyperparameters: the defaults of the flags (batch_size is --batch-size); in a notebook, edit them here
 hyperparameters = dict(
     batch_size=32,
     block_size=32,
@@ -31,7 +31,7 @@ hyperparameters = dict(
 )
 
 
-# ----------------------------------------------------------------------------- model
+# %% The model
 
 class Head(nn.Module):
     """One head of causal self-attention."""
@@ -87,7 +87,7 @@ class GPT(nn.Module):
         return logits, loss
 
 
-# ----------------------------------------------------------------------------- training
+# %% Training
 
 @torch.no_grad()
 def estimate_loss(model, splits, args, device):
@@ -115,9 +115,17 @@ def progress(step, args, seconds, eval_seconds):
             f" tok/s, {left // 60:.0f}:{left % 60:02.0f} left")
 
 
-def train(model, train_data, val_data, args, device):
-    """AdamW on random batches, with loss estimates every eval_interval steps and a progress line
-    at least every few seconds. Ctrl-C stops early and keeps what the model has learned."""
+def check_finite(loss, step):
+    """Stop at the first loss that is inf or NaN: the run has diverged, and what would follow
+    (sampling, the metrics, the pictures) would only fail on it."""
+    if not math.isfinite(loss):
+        raise UserError(f"the loss became {loss} at step {step}: training diverged; try a smaller --lr")
+
+
+def train(model, train_data, val_data, args, device, chars_per_token):
+    """AdamW on random batches, with loss estimates (and bits per character, which compares
+    tokenizers) every eval_interval steps and a progress line at least every few seconds. Ctrl-C
+    stops early and keeps what the model has learned."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     splits = {"train": train_data, "val": val_data}
     history = []
@@ -129,11 +137,13 @@ def train(model, train_data, val_data, args, device):
             if step % args.eval_interval == 0 or step == args.max_iters:
                 eval_start = time.time()
                 losses = estimate_loss(model, splits, args, device)
+                check_finite(losses["val"], step)
                 eval_seconds += time.time() - eval_start
                 seconds = time.time() - start
-                history.append({"step": step, "seconds": round(seconds, 3), **losses})
-                print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                      + progress(step, args, seconds, eval_seconds), flush=True)
+                bpc = losses["val"] / chars_per_token / math.log(2)
+                history.append({"step": step, "seconds": round(seconds, 3), **losses, "val_bpc": bpc})
+                print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                      f"val {bpc:.3f} bits/char" + progress(step, args, seconds, eval_seconds), flush=True)
                 last_print = time.time()
             if step == args.max_iters:
                 break
@@ -143,6 +153,7 @@ def train(model, train_data, val_data, args, device):
             loss.backward()
             optimizer.step()
             step += 1
+            check_finite(loss.item(), step)
             if time.time() - last_print > 5:
                 print(f"step {step}: batch loss {loss.item():.4f}"
                       + progress(step, args, time.time() - start, eval_seconds), flush=True)
@@ -154,7 +165,7 @@ def train(model, train_data, val_data, args, device):
     return history, tokens_per_second
 
 
-# ----------------------------------------------------------------------------- sampling
+# %% Sampling
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens):
@@ -172,25 +183,32 @@ def generate(model, idx, max_new_tokens):
     return idx
 
 
+# %% [markdown]
+# ## Run it
+# From a terminal, run this file with python; its flags change the hyperparameters (`--help`
+# lists them). In a notebook, edit the hyperparameters cell above and run all the cells again.
+
+# %% Train, then sample
 def main(argv=None):
     args = parse_args(argv, __doc__.split("\n\n")[0], hyperparameters, has_attention=True)
     torch.manual_seed(args.seed)
     device = select_device(args.device)
     tokenizer, train_data, val_data = load_dataset(args.data, args.block_size)
-    model = GPT(tokenizer.vocab_size, args.block_size, args.n_embd).to(device)
+    model = build_model(lambda: GPT(tokenizer.vocab_size, args.block_size, args.n_embd), args, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params:,} parameters (every weight and bias), {tokenizer.vocab_size} tokens, on {device}")
+    chars_per_token = len(tokenizer.decode(val_data.tolist())) / len(val_data)  # 1 for characters
 
-    history, tokens_per_second = train(model, train_data, val_data, args, device)
+    history, tokens_per_second = train(model, train_data, val_data, args, device, chars_per_token)
     if args.out and history:
-        path = save_metrics(args.out, {
-            "stage": Path(__file__).stem, "config": vars(args), "parameters": n_params,
+        path = report.save_metrics(args.out, {
+            "stage": __doc__.split(".py")[0], "config": vars(args), "parameters": n_params,
             "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size, "device": str(device),
             "history": history, "tokens_per_second": tokens_per_second, "train_loss": history[-1]["train"],
-            "val_loss": history[-1]["val"], "val_bpc": history[-1]["val"] / math.log(2)})  # 1 token, 1 char
+            "val_loss": history[-1]["val"], "val_bpc": history[-1]["val_bpc"]})
         print(f"metrics written to {path}")
     if args.plot_attention:
-        plot_attention(model, tokenizer, val_data[:32], args.out or ".")  # the val text's first tokens
+        report.plot_attention(model, tokenizer, val_data[:32], args.out or ".")  # the val text's first tokens
 
     context = torch.zeros((1, 1), dtype=torch.long, device=device)  # token 0 ('\n' in Tiny Shakespeare)
     print("-" * 80)

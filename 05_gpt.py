@@ -1,48 +1,31 @@
-"""05_gpt.py: GPT-2, with the training recipe, checkpoints, BPE tokens and samplers of a real one.
+"""05_gpt.py: GPT-2, its training recipe, and four ways to sample from it.
 
-New here, over stage 04: the architecture is now exactly GPT-2's (fused query/key/value, GELU,
-biases, LM head tied to the token embedding, GPT-2's initialisation) and attention runs through
-PyTorch's fused scaled_dot_product_attention. Training runs in bfloat16 autocast where the
-hardware computes in it natively (--dtype), with AdamW and weight decay on the weight matrices
-only, warm-up then cosine decay, gradient clipping and accumulation; a checkpoint is written to
---out DIR at every evaluation and on Ctrl-C, so a run can --resume and be sampled later. Text
-can be characters or GPT-2's byte-pair tokens (--tokenizer gpt2), so every evaluation also
-reports bits per character, comparable across tokenizers. Generation has four samplers (greedy,
-temperature, top-k, top-p) and a KV cache. The model can start from OpenAI's GPT-2 weights
-(--init-from gpt2) and train on several processes or GPUs (torchrun).
-
-Weight decay: the token embedding is decayed like any weight matrix, since it is one: tied to the
-LM head, it is the output layer too; the position embedding follows it. Biases and LayerNorm
-gains are not decayed: pulling them toward zero only shifts and shrinks activations.
+New here: the model is now exactly GPT-2 (one Linear makes every head's queries, keys and values;
+PyTorch's fused scaled_dot_product_attention; GELU; biases; the LM head tied to the token
+embedding; GPT-2's initialisation), in any size up to GPT-2 XL (--preset); GPT-2's recipe (AdamW
+with weight decay on the weight matrices only, warm-up then cosine decay, gradient clipping), in
+bfloat16 where the hardware computes in it natively (--dtype); characters or GPT-2's byte-pair
+tokens (--tokenizer gpt2), compared in bits per character; four samplers (greedy, temperature,
+top-k, top-p) and a KV cache.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
-Expect: val loss 1.73 (2.50 bits/char) after 800 steps of the cpu preset, 72 s into training
-(78 s for the whole command, on a 2-core CPU with native bfloat16); four samples.
-The checkpoint goes to runs/05_gpt/ (--out DIR for another folder); sample from it with
-        python 05_gpt.py --sample --prompt "ROMEO:" --temperature 0.8 --top-k 40 --top-p 0.95
+Expect: val loss 1.73 (2.50 bits/char) after 800 steps of the cpu preset, in 78 s on a 2-core CPU
+with native bfloat16; then a sample from each sampler (greedy decoding soon repeats itself).
 """
 import math
-import os
-import signal
-import sys
-import tempfile
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shared import UserError
-from shared.cli import checked, parse_args, run, save_metrics, select_device
-from shared.data import TiktokenTokenizer, get_batch, load_dataset, tokenizer_from_identity
-from shared.report import plot_attention
+from shared import UserError, report
+from shared.cli import parse_args, run
+from shared.data import get_batch, load_dataset
+from shared.device import build_model, select_device
 
-
+# %% Hyperparameters: the defaults of the flags (batch_size is --batch-size); in a notebook, edit them here
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # context length
@@ -57,9 +40,7 @@ class GPTConfig:
 
 # Model shapes. vocab_size is set by the tokenizer at training time.
 PRESETS = {
-    # trained from scratch, so free to use the exact GELU, which on a CPU runs 2.6x faster than
-    # GPT-2's tanh approximation (forward and backward, measured) and trains as well. 3 layers,
-    # not 4: 4 reach a slightly lower loss (1.72 against 1.73) but take a third more time per step
+    # the exact GELU: 2.6x faster than GPT-2's tanh form on a CPU (measured), and free to use from scratch
     "cpu": GPTConfig(block_size=64, n_layer=3, n_head=4, n_embd=128, gelu="none"),
     "shakespeare": GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
@@ -68,30 +49,24 @@ PRESETS = {
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
 }
 
-# Training recipes: `cpu` for the cpu preset, `gpu` (the lecture's) for the others, `finetune`
-# for pretrained GPT-2 weights (--init-from): a small learning rate, so it adapts, not forgets.
+# Training recipes: `cpu` for the cpu preset, `gpu` (the lecture's) for the others.
 RECIPES = {
     "cpu": dict(batch_size=64, max_iters=800, eval_interval=200, eval_iters=10, lr=4e-3,
-                warmup_iters=30, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
+                warmup_iters=30, weight_decay=0.1, grad_clip=1.0),
     "gpu": dict(batch_size=64, max_iters=5000, eval_interval=250, eval_iters=200, lr=1e-3,
-                warmup_iters=100, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
-    "finetune": dict(batch_size=8, max_iters=200, eval_interval=50, eval_iters=20, lr=3e-5,
-                     warmup_iters=10, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
+                warmup_iters=100, weight_decay=0.1, grad_clip=1.0),
 }
 
 
-def flag_defaults(preset, init_from=None):
-    """The defaults of the flags for a preset: its recipe and its model shape. Pretrained weights
-    bring their own shape, so with init_from only the context (to crop to) and dropout remain."""
-    if init_from:
-        return {**RECIPES["finetune"], "block_size": 1024, "dropout": 0.0}
+def flag_defaults(preset):
+    """The defaults of the flags for a preset: its recipe and its model shape."""
     config = PRESETS[preset]
     return {**RECIPES["cpu" if preset == "cpu" else "gpu"], "block_size": config.block_size,
             "n_embd": config.n_embd, "n_head": config.n_head, "n_layer": config.n_layer,
             "dropout": config.dropout}
 
 
-# ----------------------------------------------------------------------------- model
+# %% The model
 
 class KVCache:
     """The keys and values of every position seen so far, per layer, so that generating one more
@@ -123,8 +98,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # output projection
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def heads(self, x):
-        """Queries, keys and values of every head: the channels split into (B, n_head, T, head_size)."""
+    def heads(self, x):  # queries, keys and values of every head: (B, n_head, T, head_size) each
         B, T, C = x.shape
         return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                 for t in self.c_attn(x).split(C, dim=2))
@@ -153,9 +127,8 @@ class CausalSelfAttention(nn.Module):
 
 
 def causal_attention_weights(q, k):
-    """Stage 04's masked softmax for all heads at once: softmax(q k^T / sqrt(head_size)), where
-    each of the T queries sees only the keys at or before its position, the last T of the S keys
-    lining up with the queries. (B, n_head, T, S)"""
+    """Stage 04's masked softmax for all heads at once, (B, n_head, T, S): each of the T queries
+    sees the keys up to its own position, the last T of the S keys lining up with the queries."""
     T, S = q.size(-2), k.size(-2)
     scores = q @ k.transpose(-2, -1) * k.size(-1) ** -0.5
     causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -235,105 +208,48 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
-    def crop_block_size(self, block_size):
-        """Keep the first block_size position embeddings: a shorter context, cheaper to train."""
-        self.config = replace(self.config, block_size=block_size)
-        self.block_size = block_size
-        self.wpe.weight = nn.Parameter(self.wpe.weight.data[:block_size].clone())
-        self.wpe.num_embeddings = block_size
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, block_size=None, dropout=0.0):
-        """GPT-2 with OpenAI's weights, through Hugging Face transformers: a hub name (gpt2,
-        gpt2-medium, gpt2-large, gpt2-xl) or a folder written by save_pretrained. The shape comes
-        from the loaded config; block_size, if given, crops the context."""
-        try:
-            from transformers import GPT2LMHeadModel
-            from transformers.utils import logging as hf_logging
-        except ImportError:
-            raise UserError("--init-from needs Hugging Face transformers: pip install transformers") from None
-        hf_logging.disable_progress_bar()
-        try:
-            hf_model = GPT2LMHeadModel.from_pretrained(name_or_path)
-        except (OSError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"could not load GPT-2 weights from {name_or_path!r}: it is not a folder "
-                            f"written by save_pretrained, and the Hugging Face hub did not provide it "
-                            f"({reason})") from None
-        hf = hf_model.config
-        if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or hf.scale_attn_by_inverse_layer_idx:
-            raise UserError(f"{name_or_path!r} is not laid out like GPT-2 (activation "
-                            f"{hf.activation_function}), so its weights would not mean the same here")
-        if block_size and block_size > hf.n_positions:
-            raise UserError(f"--block-size {block_size} is longer than {name_or_path}'s context of "
-                            f"{hf.n_positions} tokens")
-        config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer,
-                           n_head=hf.n_head, n_embd=hf.n_embd, dropout=dropout)
-        model = cls(config)
-        # GPT-2's Conv1D layers store their weight as (in, out), the transpose of nn.Linear's
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        ours, missing = model.state_dict(), set(model.state_dict()) - {"lm_head.weight"}
-        for name, tensor in hf_model.state_dict().items():
-            name = name.removeprefix("transformer.")
-            if name in ours:  # skips the causal-mask buffers older versions keep
-                ours[name].copy_(tensor.t() if name.endswith(conv1d) else tensor)
-                missing.discard(name)
-        if missing:
-            raise UserError(f"{name_or_path!r} has no weights for {', '.join(sorted(missing))}")
-        model.lm_head.weight = model.wte.weight  # tied, as in GPT-2, whatever the file holds
-        if block_size and block_size < config.block_size:
-            model.crop_block_size(block_size)
-        return model
+# %% Training
+
+@torch.no_grad()
+def estimate_loss(model, splits, args, device):
+    """Mean loss over eval_iters batches of each split. The batches are the same at every call
+    (a fixed seed), so two estimates differ only because the model changed."""
+    was_training = model.training
+    model.eval()
+    losses = {}
+    for name, data in splits.items():
+        generator = torch.Generator().manual_seed(args.seed)
+        batches = (get_batch(data, args.batch_size, args.block_size, device, generator)
+                   for _ in range(args.eval_iters))
+        losses[name] = sum(model(x, y)[1].item() for x, y in batches) / args.eval_iters
+    model.train(was_training)
+    return losses
 
 
-def parameter_breakdown(config):
-    """Parameter counts by part, from a model built on the meta device (no memory is allocated).
-    The tied token embedding / LM head matrix is counted once, under wte."""
-    with torch.device("meta"):
-        model = GPT(config)
-    counts = {}
-    for name, p in model.named_parameters():  # yields a shared parameter only once
-        part = name.split(".")[0]
-        counts[part] = counts.get(part, 0) + p.numel()
-    counts["total"] = sum(counts.values())
-    return counts
+def progress(step, args, seconds, eval_seconds):
+    """Speed of the training steps so far, and how long the rest of the run will take."""
+    if step == 0:
+        return ""
+    step_seconds = (seconds - eval_seconds) / step
+    left = seconds / step * (args.max_iters - step)
+    return (f" | {1000 * step_seconds:.1f} ms/step, {args.batch_size * args.block_size / step_seconds:,.0f}"
+            f" tok/s, {left // 60:.0f}:{left % 60:02.0f} left")
 
 
-# ----------------------------------------------------------------------------- training
-
-def setup_distributed(device):
-    """Under torchrun, which starts one process per GPU (or CPU worker) and sets RANK, LOCAL_RANK
-    and WORLD_SIZE, join the others: NCCL between GPUs, Gloo on CPUs. Returns (rank, world size,
-    this process's device); a plain run is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "mps":
-        raise UserError("several processes need CUDA GPUs or CPUs; use --device cpu")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def all_reduce(values, op=dist.ReduceOp.SUM):
-    """values (a list of floats) combined across processes; unchanged in a single process."""
-    if not dist.is_initialized():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
+def check_finite(loss, step):
+    """Stop at the first loss that is inf or NaN: the run has diverged, and what would follow
+    (sampling, the metrics, the pictures) would only fail on it."""
+    if not math.isfinite(loss):
+        raise UserError(f"the loss became {loss} at step {step}: training diverged; try a smaller --lr")
 
 
 def resolve_dtype(name, device):
-    """The dtype autocast computes in. auto: bfloat16 where the hardware multiplies in it natively
-    (CUDA GPUs that support it, CPUs with AVX-512 BF16 or AMX), float32 elsewhere."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    native = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return "bfloat16" if native else "float32"
+    """auto: bfloat16 where the hardware multiplies in it natively (recent CUDA GPUs, CPUs with
+    AVX-512 BF16 or AMX), float32 elsewhere."""
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return name if name != "auto" else "bfloat16" if native else "float32"
 
 
 def autocast(args, device):
@@ -342,29 +258,10 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
 
 
-@torch.no_grad()
-def estimate_loss(model, splits, args, device):
-    """Mean loss over eval_iters batches of each split. The batches are the same at every call
-    (a fixed seed), so two estimates differ only because the model changed. Under torchrun each
-    process evaluates its own batches and the mean is taken over all of them."""
-    was_training = model.training
-    model.eval()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    losses = {}
-    for name, data in splits.items():
-        generator = torch.Generator().manual_seed(args.seed + rank)
-        batches = (get_batch(data, args.batch_size, args.block_size, device, generator)
-                   for _ in range(args.eval_iters))
-        with autocast(args, device):
-            loss = sum(model(x, y)[1].item() for x, y in batches) / args.eval_iters
-        losses[name] = all_reduce([loss])[0] / args.world_size
-    model.train(was_training)
-    return losses
-
-
 def configure_optimizer(model, args):
-    """AdamW; weight decay on the matrices (2-D parameters: Linear weights and both embeddings),
-    none on biases and LayerNorm parameters."""
+    """AdamW; weight decay on the matrices (2-D parameters: Linear weights and both embeddings; the
+    token embedding is the output layer too), none on biases and LayerNorm gains, where pulling
+    toward zero would only shift and shrink activations."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -380,216 +277,55 @@ def learning_rate(step, args):
     return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (args.lr - min_lr)
 
 
-def train_step(model, optimizer, batches, args, step, scaler=None):
-    """One optimizer step on the mean gradient of the batches (accumulated one after another)
-    and, under DDP, of every process's batches. Returns the mean loss of the batches. A float16
-    run needs the scaler: it scales the loss up so that small gradients don't round to zero."""
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(step, args)
-    total = 0.0
-    for i, (x, y) in enumerate(batches):
-        # DDP averages gradients across processes during backward; do it only on the last batch
-        last = i == len(batches) - 1
-        with nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
-            with autocast(args, x.device):
-                _, loss = model(x, y)
-            scaler.scale(loss / len(batches)).backward()  # the mean over batches, as if one big batch
-        total += loss.item() / len(batches)
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return total
-
-
-def progress(step, args, seconds, eval_seconds, start_step=0):
-    """Speed of the training steps so far, and how long the rest of the run will take."""
-    if step == start_step:
-        return ""
-    step_seconds = (seconds - eval_seconds) / (step - start_step)
-    left = seconds / (step - start_step) * (args.max_iters - step)
-    tokens = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
-    return (f" | {1000 * step_seconds:.1f} ms/step, {tokens / step_seconds:,.0f}"
-            f" tok/s, {left // 60:.0f}:{left % 60:02.0f} left")
-
-
-class StopOnCtrlC:
-    """While active, the first Ctrl-C only asks the training loop to stop after the current step,
-    so the checkpoint it then writes is a consistent state; a second Ctrl-C stops at once."""
-
-    def __enter__(self):
-        self.requested = False
-        self.default_handler = signal.signal(signal.SIGINT, self.request)
-        return self
-
-    def request(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step (press again to stop at once)", flush=True)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.default_handler)
-
-
-def check_finite(loss, step):
-    if not math.isfinite(loss):
-        raise UserError(f"the loss became {loss} at step {step}: training diverged, so it stops here and "
-                        "the checkpoint of the last evaluation is kept; try a smaller --lr")
-
-
-def train(model, optimizer, train_data, val_data, args, device, chars_per_token=1.0,
-          step=0, history=(), on_checkpoint=None):
-    """AdamW on random batches from `step` on, with loss estimates every eval_interval steps and
-    a progress line at least every few seconds; on_checkpoint(step, history) saves the state
-    after every evaluation and on Ctrl-C, and returns where. A loss that is not finite stops the
-    run before anything is saved."""
+def train(model, train_data, val_data, args, device, chars_per_token):
+    """AdamW on random batches, with loss estimates (and bits per character, which compares
+    tokenizers) every eval_interval steps and a progress line at least every few seconds. Ctrl-C
+    stops early and keeps what the model has learned."""
+    optimizer = configure_optimizer(model, args)
     splits = {"train": train_data, "val": val_data}
-    raw_model = model.module if isinstance(model, DDP) else model  # evaluation needs no syncing
-    history = list(history)
-    start_step = step
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
+    history = []
     start = last_print = time.time()
     eval_seconds = 0.0
-    with StopOnCtrlC() as ctrl_c:
+    step = 0
+    try:
         while True:
-            evaluate = step % args.eval_interval == 0 or step == args.max_iters
-            if evaluate and (step != start_step or not history):  # a resumed run has this one already
+            if step % args.eval_interval == 0 or step == args.max_iters:
                 eval_start = time.time()
-                losses = estimate_loss(raw_model, splits, args, device)
+                with autocast(args, device):
+                    losses = estimate_loss(model, splits, args, device)
                 check_finite(losses["val"], step)
                 eval_seconds += time.time() - eval_start
                 seconds = time.time() - start
                 bpc = losses["val"] / chars_per_token / math.log(2)
                 history.append({"step": step, "seconds": round(seconds, 3), **losses, "val_bpc": bpc})
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                      f"val {bpc:.3f} bits/char" + progress(step, args, seconds, eval_seconds, start_step),
-                      flush=True)
-                if on_checkpoint:
-                    on_checkpoint(step, history)
+                      f"val {bpc:.3f} bits/char" + progress(step, args, seconds, eval_seconds), flush=True)
                 last_print = time.time()
-            if step >= args.max_iters:
+            if step == args.max_iters:
                 break
-            if all_reduce([ctrl_c.requested], dist.ReduceOp.MAX)[0]:  # every process stops together
-                path = on_checkpoint(step, history) if on_checkpoint else None
-                print(f"stopped at step {step}" + (f"; saved to {path}: run the same command with "
-                                                    "--resume to go on" if path else ""), flush=True)
-                break
-            batches = [get_batch(train_data, args.batch_size, args.block_size, device)
-                       for _ in range(args.grad_accum_steps)]
-            loss = train_step(model, optimizer, batches, args, step, scaler)
+            x, y = get_batch(train_data, args.batch_size, args.block_size, device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, args)
+            with autocast(args, device):
+                _, loss = model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
             step += 1
-            check_finite(all_reduce([loss])[0], step)
+            check_finite(loss.item(), step)
             if time.time() - last_print > 5:
-                print(f"step {step}: batch loss {loss:.4f}"
-                      + progress(step, args, time.time() - start, eval_seconds, start_step), flush=True)
+                print(f"step {step}: batch loss {loss.item():.4f}"
+                      + progress(step, args, time.time() - start, eval_seconds), flush=True)
                 last_print = time.time()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}; going on with the model as it is")
     seconds = time.time() - start
-    tokens = (step - start_step) * args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
-    return history, tokens / max(seconds - eval_seconds, 1e-9)
+    tokens_per_second = step * args.batch_size * args.block_size / max(seconds - eval_seconds, 1e-9)
+    return history, tokens_per_second
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def rng_states():
-    """Every process's random state, which decides its next batches (the data position) and its
-    dropout masks: a list with one entry per process."""
-    state = {"cpu": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)}
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def set_rng_state(states, rank, world_size):
-    if len(states) != world_size:
-        raise UserError(f"the checkpoint was written by {len(states)} process(es); resume with the "
-                        f"same number (torchrun --nproc_per_node={len(states)})")
-    torch.set_rng_state(states[rank]["cpu"])
-    if torch.cuda.is_available() and len(states[rank]["cuda"]):
-        torch.cuda.set_rng_state(states[rank]["cuda"])
-
-
-def save_checkpoint(path, model, optimizer, tokenizer, step, history, rng_states):
-    """Everything a run needs to go on where it stopped, as plain tensors, numbers and strings
-    (so it loads with weights_only=True). Written to a temporary file and renamed into place,
-    so a crash mid-write leaves the previous checkpoint intact."""
-    checkpoint = {
-        "stage": "05_gpt",
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "config": asdict(model.config),
-        "tokenizer": tokenizer.identity(),
-        "step": step,
-        "history": history,
-        "rng_states": rng_states,
-    }
-    path, tmp = Path(path), None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
-    except OSError as err:
-        raise UserError(f"could not write the checkpoint {path} ({err.strerror or err}); "
-                        "the previous one, if any, is intact") from None
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_checkpoint(path):
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"no checkpoint at {path}; train one first with --out {path.parent}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
-                        "it may be truncated or from elsewhere") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("stage") != "05_gpt":
-        raise UserError(f"{path} is not a checkpoint written by 05_gpt.py")
-    missing = {"model", "optimizer", "config", "tokenizer", "step", "history", "rng_states"} - set(checkpoint)
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(sorted(missing))}; it was written by another version of 05_gpt.py")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint, path):
-    try:
-        model = GPT(GPTConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, RuntimeError) as err:
-        raise UserError(f"the weights in {path} don't fit its config ({type(err).__name__}); "
-                        "it was altered or written by another version of 05_gpt.py") from None
-    return model
-
-
-def check_resumable(checkpoint, args, path):
-    """Resuming goes on with the run that stopped: the same tokenizer and model shape."""
-    tokenizer = checkpoint["tokenizer"].get("name", "char")
-    if args.tokenizer not in (None, tokenizer):
-        raise UserError(f"{path} was trained with --tokenizer {tokenizer}, not {args.tokenizer}")
-    for name, value in checkpoint["config"].items():
-        if getattr(args, name, value) != value:
-            raise UserError(f"{path} was trained with --{name.replace('_', '-')} {value}, not "
-                            f"{getattr(args, name)}; resume with the flags it was trained with")
-
-
-def load_checkpoint(path):
-    """The model (on the CPU, in eval mode) and tokenizer saved in a checkpoint file."""
-    checkpoint = read_checkpoint(path)
-    return model_from_checkpoint(checkpoint, path).eval(), tokenizer_from_identity(checkpoint["tokenizer"])
-
-
-# ----------------------------------------------------------------------------- sampling
+# %% Sampling
 
 def greedy(logits):
     """The most likely token of each row of (B, V) logits, as a (B, 1) tensor."""
@@ -619,7 +355,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     the temperature, keep the top k, keep the nucleus p, and draw."""
     if temperature == 0:
         return greedy(logits)
-    logits = logits / temperature
+    # the top logit at 0, and no temperature below what the dtype can divide by: never inf - inf
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -630,10 +367,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True):
     """Extend each row of idx, a (B, T) tensor of token ids, by max_new_tokens tokens. The model
-    reads a window of the latest tokens; when the window outgrows block_size, it moves on to keep
-    only its newer half, so a sample can outrun the context. With the KV cache each step feeds
-    only the newest token, and the context is recomputed only when the window moves (every
-    position shifts then). Both ways read the same windows and give the same tokens."""
+    reads a window of the latest tokens that, once longer than block_size, moves on to keep its
+    newer half. With the KV cache each step feeds only the newest token; the window is computed
+    again only when it moves (every position shifts then). Both ways give the same tokens."""
     was_training = model.training
     model.eval()
     start, cache = 0, None
@@ -651,132 +387,53 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
     return idx
 
 
+# %% [markdown]
+# ## Run it
+# From a terminal, run this file with python; its flags change the hyperparameters (`--help`
+# lists them). In a notebook, edit the hyperparameters cell above and run all the cells again.
+
+# %% Train, then sample
 def add_flags(parser):
-    parser.set_defaults(out="runs/05_gpt")  # unlike stages 01-04, always keep the checkpoint
     parser.add_argument("--preset", choices=PRESETS, help="model shape and recipe "
                         "(default: cpu on a CPU, shakespeare on a GPU)")
-    parser.add_argument("--init-from", metavar="NAME|DIR", help="start from GPT-2's weights: gpt2, "
-                        "gpt2-medium, gpt2-large, gpt2-xl, or a save_pretrained folder (needs transformers)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="autocast precision for training; auto: bfloat16 where the hardware has it")
-    parser.add_argument("--tokenizer", help="char, or a tiktoken encoding such as gpt2 "
-                        "(default: char; gpt2 with --init-from)")
-    parser.add_argument("--resume", action="store_true", help="go on training from the checkpoint in --out")
-    parser.add_argument("--sample", action="store_true", help="only sample from the checkpoint in --out "
-                        "(or from the --init-from weights)")
-    parser.add_argument("--prompt", default="\n", help="text the samples start from")
-    parser.add_argument("--num-samples", type=checked("num_samples", int), default=1)
-    parser.add_argument("--temperature", type=checked("temperature", float), default=1.0,
-                        help="0 for greedy decoding")
-    parser.add_argument("--top-k", type=checked("top_k", int), help="sample from the k likeliest tokens")
-    parser.add_argument("--top-p", type=checked("top_p", float), help="sample from the nucleus of mass p")
-
-
-def check_top_k(args, tokenizer):
-    if args.top_k and args.top_k > tokenizer.vocab_size:
-        raise UserError(f"--top-k {args.top_k} is more than the {tokenizer.vocab_size} tokens there are")
-
-
-def print_samples(model, tokenizer, args, device, strategies):
-    context = torch.tensor([tokenizer.encode(args.prompt)] * args.num_samples, dtype=torch.long, device=device)
-    for label, settings in strategies.items():
-        out = generate(model, context, args.max_new_tokens, **settings)
-        for row in out.tolist():
-            print(f"{'-' * 30} {label} {'-' * (49 - len(label))}")
-            print(tokenizer.decode(row))
+    parser.add_argument("--tokenizer", default="char",
+                        help="char, or a tiktoken encoding such as gpt2")
 
 
 def main(argv=None):
     args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults("cpu"), add_flags, has_attention=True)
-    rank, world_size, device = setup_distributed(select_device(args.device))
-    preset = args.preset or ("cpu" if device.type == "cpu" else "shakespeare")
-    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults(preset, args.init_from), add_flags,
-                      has_attention=True)
-    args.world_size, args.dtype = world_size, resolve_dtype(args.dtype, device)
-    if args.init_from and args.tokenizer not in (None, "gpt2"):
-        raise UserError("GPT-2's weights go with GPT-2's tokens: use --tokenizer gpt2 (the default "
-                        "with --init-from)")
-    if rank > 0:
-        sys.stdout = open(os.devnull, "w")  # one process speaks for all
-    torch.manual_seed(args.seed + rank)  # each process draws its own batches
-    checkpoint_path = Path(args.out) / "ckpt.pt"
-
-    if args.sample:
-        if args.init_from:
-            model, tokenizer = GPT.from_pretrained(args.init_from).eval(), TiktokenTokenizer("gpt2")
-        else:
-            model, tokenizer = load_checkpoint(checkpoint_path)
-        model.to(device)
-        check_top_k(args, tokenizer)
-        if args.plot_attention:
-            plot_attention(model, tokenizer, torch.tensor(tokenizer.encode(args.prompt)), args.out)
-        print_samples(model, tokenizer, args, device, {"sample": dict(
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)})
-        return
-
-    checkpoint = read_checkpoint(checkpoint_path) if args.resume else None
-    if checkpoint:
-        check_resumable(checkpoint, args, checkpoint_path)
-        args.tokenizer = checkpoint["tokenizer"].get("name", "char")
-    args.tokenizer = args.tokenizer or ("gpt2" if args.init_from else "char")
+    preset = args.preset or ("cpu" if select_device(args.device).type == "cpu" else "shakespeare")
+    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults(preset), add_flags, has_attention=True)
+    torch.manual_seed(args.seed)
+    device = select_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, device)
     tokenizer, train_data, val_data = load_dataset(args.data, args.block_size, args.tokenizer)
-    if checkpoint and tokenizer.identity() != checkpoint["tokenizer"]:
-        raise UserError(f"{checkpoint_path} was trained on another text; resume with the same --data")
-    check_top_k(args, tokenizer)
-    if checkpoint:
-        model = model_from_checkpoint(checkpoint, checkpoint_path)
-    elif args.init_from:
-        model = GPT.from_pretrained(args.init_from, args.block_size, args.dropout)
-    else:
-        model = GPT(replace(PRESETS[preset], block_size=args.block_size, vocab_size=tokenizer.vocab_size,
-                            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout))
-    if model.block_size < args.block_size:
-        raise UserError(f"--block-size {args.block_size} is longer than the model's context {model.block_size}")
-    model.to(device)
-    optimizer = configure_optimizer(model, args)
-    step, history = 0, []
-    if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, history = checkpoint["step"], checkpoint["history"]
-        set_rng_state(checkpoint["rng_states"], rank, world_size)
-        print(f"resuming from step {step} of {checkpoint_path}")
+    model = build_model(lambda: GPT(replace(PRESETS[preset], vocab_size=tokenizer.vocab_size, block_size=args.block_size,
+                                            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                                            dropout=args.dropout)), args, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{n_params:,} parameters (every weight and bias, the tied wte/lm_head once), "
+          f"{tokenizer.vocab_size} tokens, on {device} in {args.dtype}; preset {preset}")
+    chars_per_token = len(tokenizer.decode(val_data.tolist())) / len(val_data)  # 1 for characters
 
-    breakdown = parameter_breakdown(model.config)
-    print(f"{'weights ' + args.init_from if args.init_from else 'preset ' + preset}: {breakdown['total']:,} "
-          "parameters (tied wte/lm_head counted once: "
-          + ", ".join(f"{part} {n:,}" for part, n in breakdown.items() if part != "total")
-          + f"), {tokenizer.vocab_size} tokens, on {device} in {args.dtype}")
-    print(f"{args.batch_size} x {args.block_size} tokens x {args.grad_accum_steps} accumulation x "
-          f"{world_size} process{'es' if world_size > 1 else ''} = "
-          f"{args.batch_size * args.block_size * args.grad_accum_steps * world_size:,} tokens per step")
-    chars_per_token = len(tokenizer.decode(val_data.tolist())) / len(val_data)
-
-    def on_checkpoint(step, history):
-        states = rng_states()  # every process takes part
-        if rank == 0:
-            save_checkpoint(checkpoint_path, model, optimizer, tokenizer, step, history, states)
-        return checkpoint_path
-
-    ddp_model = DDP(model) if world_size > 1 else model
-    history, tokens_per_second = train(ddp_model, optimizer, train_data, val_data, args, device,
-                                       chars_per_token, step, history, on_checkpoint)
-    if dist.is_initialized():
-        dist.barrier()  # leave together: a process gone early can abort the others' teardown
-        dist.destroy_process_group()
-    if rank > 0:
-        return
-    if history:
-        path = save_metrics(args.out, {
-            "stage": Path(__file__).stem, "config": vars(args), "parameters": breakdown["total"],
+    history, tokens_per_second = train(model, train_data, val_data, args, device, chars_per_token)
+    if args.out and history:
+        path = report.save_metrics(args.out, {
+            "stage": __doc__.split(".py")[0], "config": vars(args), "parameters": n_params,
             "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size, "device": str(device),
             "history": history, "tokens_per_second": tokens_per_second, "train_loss": history[-1]["train"],
             "val_loss": history[-1]["val"], "val_bpc": history[-1]["val_bpc"]})
-        print(f"metrics written to {path}; checkpoint in {checkpoint_path}")
+        print(f"metrics written to {path}")
     if args.plot_attention:
-        plot_attention(model, tokenizer, val_data[:32], args.out)  # the val text's first tokens
-    print_samples(model, tokenizer, args, device, {
-        "greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
-        "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)})
+        report.plot_attention(model, tokenizer, val_data[:32], args.out or ".")  # the val text's first tokens
+
+    context = torch.zeros((1, 1), dtype=torch.long, device=device)  # token 0 ('\n' in Tiny Shakespeare)
+    for label, settings in {"greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
+                            "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)}.items():
+        print(f"{'-' * 30} {label} {'-' * (49 - len(label))}")
+        print(tokenizer.decode(generate(model, context, args.max_new_tokens, **settings)[0].tolist()))
 
 
 if __name__ == "__main__":

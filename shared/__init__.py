@@ -1,9 +1,43 @@
-"""What every stage script needs and none of them teaches: the data, the command line, the device.
+"""What every stage script needs and none of them teaches: the data and tokenizers (data), the
+command line (cli), the device and its memory (device), metrics and pictures (report).
 
 The models, their training loops and their samplers live in the numbered scripts, repeated on
 purpose so that each one reads on its own and diffs cleanly against the one before.
 """
+import os
+import tempfile
+from pathlib import Path
 
 
 class UserError(Exception):
     """A problem with the user's input or machine, told as one sentence instead of a traceback."""
+
+
+def temporary_file(path):
+    """A new file to write path's content into before renaming it to path: (descriptor, name).
+    It lies beside path, so the rename is atomic, and its name carries the writer's process id
+    (ckpt.pt.<pid>.<random>.tmp), so a later run can tell a leftover of a killed writer."""
+    path = Path(path)
+    return tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp")
+
+
+def remove_stale_temporary_files(path):
+    """Delete the temporary files of path that a killed writer left behind: those whose process
+    is gone. A process that is still running (another run writing there) keeps its own."""
+    path = Path(path)
+    for tmp in path.parent.glob(f"{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 1:].split(".")[0]
+        if pid.isdigit() and not process_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def process_exists(pid):
+    if os.name == "nt":  # Windows has no signal 0; keep the file rather than guess
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process is there
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, but another user's
+        return True
+    return True

@@ -1,12 +1,8 @@
-"""The command line every stage shares, device selection, and writing a run's metrics."""
+"""The command line every stage shares: its flags, their checks, and one sentence for every error."""
 import argparse
-import json
-import os
+import math
 import sys
-import tempfile
 from pathlib import Path
-
-import torch
 
 from shared import UserError
 
@@ -22,13 +18,14 @@ HELP = {
     "n_layer": "transformer blocks",
     "dropout": "dropout probability while training",
     "warmup_iters": "steps of linear learning-rate warm-up before the cosine decay",
-    "weight_decay": "AdamW weight decay, applied to weight matrices only",
+    "weight_decay": "weight decay, applied to weight matrices only",
     "grad_clip": "clip the gradient norm to this",
     "grad_accum_steps": "batches whose gradients are summed per optimizer step",
 }
+NONNEGATIVE = {"seed", "max_new_tokens", "temperature", "warmup_iters", "weight_decay"}
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and status 2, without argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -39,12 +36,17 @@ def checked(name, kind):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
         if name == "dropout":
             ok, rule = 0 <= value < 1, "at least 0 and below 1"
         elif name == "top_p":
             ok, rule = 0 < value <= 1, "above 0 and at most 1"
-        elif name in ("seed", "max_new_tokens", "temperature", "warmup_iters", "weight_decay"):
+        elif name == "seed":
+            ok, rule = 0 <= value < 2**63 - 2**16, "0 or more and below 2**63"  # room for seed + rank
+        elif name in NONNEGATIVE:
             ok, rule = value >= 0, "0 or more"
         else:
             ok, rule = value > 0, "above 0"
@@ -54,11 +56,27 @@ def checked(name, kind):
     return convert
 
 
+def nonempty(name):
+    """An argparse type for a text flag that must say something."""
+    def convert(text):
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"expected {name}, got an empty string")
+        return text
+    return convert
+
+
+def in_notebook():
+    """True when a Jupyter kernel (Jupyter, VS Code, Colab) runs the code rather than `python
+    script.py`: the command line is then the kernel's own, not flags for us."""
+    return Path(sys.argv[0]).name.endswith("kernel_launcher.py")
+
+
 def parse_args(argv, description, hyperparameters, add_flags=None, has_attention=False):
     """Every hyperparameter of the stage becomes a flag (batch_size -> --batch-size), plus the
     flags all stages share, --plot-attention where the model has attention, and any flags that
-    add_flags(parser) adds. Bad values stop the program with one sentence and status 2."""
-    parser = _Parser(description=description, allow_abbrev=False,
+    add_flags(parser) adds. Bad values stop the program with one sentence and status 2. In a
+    notebook the defaults, that is the hyperparameters cell, are the settings."""
+    parser = Parser(description=description, allow_abbrev=False,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, default in hyperparameters.items():
         parser.add_argument("--" + name.replace("_", "-"), type=checked(name, type(default)),
@@ -69,56 +87,47 @@ def parse_args(argv, description, hyperparameters, add_flags=None, has_attention
     parser.add_argument("--data", metavar="FILE", help="train on this UTF-8 text file instead of Tiny Shakespeare")
     parser.add_argument("--max-new-tokens", type=checked("max_new_tokens", int), default=500,
                         help="length of the sample printed at the end")
-    parser.add_argument("--out", metavar="DIR", help="write the run's metrics.json and loss.png into this folder")
+    parser.add_argument("--out", type=nonempty("a folder"), metavar="DIR",
+                        help="write the run's metrics.json and loss.png into this folder")
     if has_attention:
         parser.add_argument("--plot-attention", action="store_true",
                             help="save the attention weights for the start of the val text as attention.png "
                                  "in --out (or here)")
     if add_flags:
         add_flags(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args([] if argv is None and in_notebook() else argv)
     if "n_head" in hyperparameters and args.n_embd % args.n_head:
         parser.error(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
     return args
 
 
-def select_device(name="auto"):
-    """The fastest device present for 'auto'; the one asked for otherwise, if it is there."""
-    has_mps = torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: PyTorch finds no CUDA GPU on this machine; use --device cpu")
-    if name == "mps" and not has_mps:
-        raise UserError("--device mps: PyTorch finds no Apple GPU (MPS) on this machine; use --device cpu")
-    return torch.device(name)
-
-
-def save_metrics(out_dir, metrics):
-    """Write metrics.json, with the machine the run used, and the loss curves as loss.png into
-    out_dir. The JSON is written atomically: a reader never sees half a file."""
-    from shared.report import machine, plot_losses  # matplotlib only for runs that keep their metrics
-    out_dir = Path(out_dir)
-    metrics = {**metrics, "machine": machine(metrics["device"])}
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(metrics, f, indent=2)
-        os.replace(tmp, out_dir / "metrics.json")
-        plot_losses(metrics, out_dir / "loss.png")
-    except OSError as err:
-        raise UserError(f"--out {out_dir}: cannot write the run's metrics ({err.strerror})") from None
-    return out_dir / "metrics.json"
+def out_of_memory(err):
+    """Whether err is an allocator's refusal: PyTorch's on a GPU or a CPU, or Python's own."""
+    if isinstance(err, MemoryError):
+        return True
+    message = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message
+                                               or "not enough memory" in message)
 
 
 def run(main):
-    """Call main(); a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130."""
+    """Call main(); a UserError becomes one line on stderr and exit status 2, so does running out
+    of memory, and Ctrl-C exit status 130. In a notebook the line is printed and the kernel lives on."""
+    prog = "" if in_notebook() else f"{Path(sys.argv[0]).name}: "
     try:
         main()
+        return
     except UserError as err:
-        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{prog}error: {err}", file=sys.stderr)
+        status = 2
     except KeyboardInterrupt:  # a Ctrl-C outside training, or a second one inside it
-        print(f"\n{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        print(f"\n{prog}interrupted", file=sys.stderr)
+        status = 130
+    except (RuntimeError, MemoryError) as err:
+        if not out_of_memory(err):
+            raise
+        print(f"{prog}error: ran out of memory ({str(err).splitlines()[0][:120]}); lower --batch-size "
+              "or --block-size, or the model's size", file=sys.stderr)
+        status = 2
+    if not in_notebook():
+        sys.exit(status)

@@ -1,14 +1,13 @@
 """Tiny Shakespeare (or any UTF-8 text), a character tokenizer, a train/val split and batches."""
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import torch
 
-from shared import UserError
+from shared import UserError, remove_stale_temporary_files, temporary_file
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -23,11 +22,12 @@ def sha256(path):
 def download(path, url):
     """Fetch Tiny Shakespeare into path. A temporary file is renamed into place only once its
     checksum is right, so an interrupted download never leaves a file that looks complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path, tmp = Path(path), None
     print(f"downloading Tiny Shakespeare to {path}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporary_files(path)
+        fd, tmp = temporary_file(path)
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as response:
             f.write(response.read())
         if sha256(tmp) != SHA256:
@@ -38,7 +38,7 @@ def download(path, url):
         raise UserError(f"could not download Tiny Shakespeare ({err}); save {url} as {path} "
                         "by hand, or train on your own text with --data FILE") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -114,6 +114,24 @@ class TiktokenTokenizer:
 
     def identity(self):
         return {"kind": "tiktoken", "name": self.name}
+
+
+def pretrained_model(name_or_path, class_name):
+    """A model of Hugging Face transformers (class_name, such as GPT2LMHeadModel) from the hub by
+    name, or from a folder written by save_pretrained, in eval mode; what goes wrong, in one
+    sentence. transformers is an optional extra, imported only here."""
+    try:
+        import transformers
+        from transformers.utils import logging
+    except ImportError:
+        raise UserError("--init-from needs Hugging Face transformers: pip install transformers") from None
+    logging.disable_progress_bar()
+    try:
+        return getattr(transformers, class_name).from_pretrained(name_or_path).eval()
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load {name_or_path!r}: it is not a folder written by save_pretrained, "
+                        f"and the Hugging Face hub did not provide it ({reason})") from None
 
 
 def tokenizer_from_identity(identity):

@@ -1,18 +1,20 @@
-"""Pictures and the progression report: loss curves, attention maps, and a table of runs.
+"""What a run leaves behind and the report made of runs: metrics.json, loss curves, attention
+maps, and a table and a figure of several runs.
 
     python -m shared.report runs/          # every runs/*/metrics.json -> runs/report.md, runs/report.png
 
-Apart from the data and the command line on purpose: only here is matplotlib imported, and only
-when a picture is drawn, so a run without --out never pays for it.
+Only here is matplotlib imported, and only when a picture is drawn, so a run without --out never
+pays for it. In a notebook every picture is also shown below the cell that drew it.
 """
-import argparse
 import json
-import platform
+import os
 from pathlib import Path
 
 import torch
 
-from shared import UserError
+from shared import UserError, remove_stale_temporary_files, temporary_file
+from shared.cli import Parser, in_notebook, run
+from shared.device import machine
 
 # What metrics.json holds. Every stage writes exactly these fields (a test checks it).
 METRICS_FIELDS = {
@@ -37,22 +39,8 @@ CONCEPTS = {
     "03_multi_head": "several heads side by side",
     "04_block": "MLP, residual connections, LayerNorm, stacked blocks",
     "05_gpt": "GPT-2: its architecture, training recipe and samplers",
+    "06_train_for_real": "checkpoints, exact resume, signals, torchrun, GPT-2's weights",
 }
-
-
-def machine(device):
-    """The hardware a run used, in words: the GPU's name, or the CPU's and its thread count."""
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    if device == "mps":
-        return f"Apple GPU (MPS), {platform.machine()}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def pyplot():
@@ -60,6 +48,35 @@ def pyplot():
     matplotlib.use("Agg")  # files only, no window: works on a server or in CI
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_metrics(out_dir, metrics):
+    """Write metrics.json, with the machine the run used, and the loss curves as loss.png into
+    out_dir. The JSON is written atomically: a reader never sees half a file."""
+    out_dir = Path(out_dir)
+    metrics = {**metrics, "machine": machine(metrics["device"])}
+    path, tmp = out_dir / "metrics.json", None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporary_files(path)
+        fd, tmp = temporary_file(path)
+        with os.fdopen(fd, "w") as f:
+            json.dump(metrics, f, indent=2)
+        os.replace(tmp, path)
+        plot_losses(metrics, out_dir / "loss.png")
+    except OSError as err:
+        raise UserError(f"--out {out_dir}: cannot write the run's metrics ({err.strerror or err})") from None
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def show(path):
+    """In a notebook, the picture at path below the cell; elsewhere nothing (it is in the file)."""
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=str(path)))
 
 
 def plot_losses(metrics, path):
@@ -76,6 +93,7 @@ def plot_losses(metrics, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    show(path)
 
 
 @torch.no_grad()
@@ -150,13 +168,15 @@ def plot_attention(model, tokenizer, ids, out_dir):
     finally:
         plt.close(fig)
     print(f"attention maps written to {path}")
+    show(path)
     return path
 
 
 # ----------------------------------------------------------------------------- the report
 
 def read_runs(folders):
-    """The metrics of every run in the folders given: each folder is a run, or holds runs."""
+    """The metrics of every run in the folders given (each folder is a run, or holds runs), each
+    with "run", the name of its folder."""
     runs = []
     for folder in map(Path, folders):
         paths = [folder / "metrics.json"] if (folder / "metrics.json").is_file() else \
@@ -171,8 +191,26 @@ def read_runs(folders):
                 raise UserError(f"{path} is not a metrics.json written by a stage") from None
             if missing:
                 raise UserError(f"{path} lacks {', '.join(sorted(missing))}; run its stage again")
-            runs.append(metrics)
-    return sorted(runs, key=lambda m: m["stage"])
+            runs.append({"run": path.resolve().parent.name, **metrics})
+    return sorted(runs, key=lambda m: (m["stage"], m["run"]))
+
+
+def settings(run):
+    """A run's settings to compare it by: every flag but where it wrote, and its tokenizer."""
+    tokenizer = run["tokenizer"].get("name", run["tokenizer"]["kind"])
+    return {**{k: v for k, v in run["config"].items() if k != "out"}, "tokenizer": tokenizer}
+
+
+def differences(runs):
+    """For each run, the settings in which it differs from another run of the same stage, as
+    text (`tokenizer gpt2, preset shakespeare`); empty for a stage run once."""
+    texts = []
+    for this in runs:
+        others = [settings(o) for o in runs if o["stage"] == this["stage"] and o is not this]
+        mine = settings(this)
+        differing = [k for k in mine if any(o.get(k) != mine[k] for o in others)]
+        texts.append(", ".join(f"{k.replace('_', '-')} {mine[k]}" for k in differing))
+    return texts
 
 
 def minutes_seconds(seconds):
@@ -180,13 +218,14 @@ def minutes_seconds(seconds):
 
 
 def table(runs):
-    """The runs as a Markdown table, one row each."""
-    lines = ["| stage | concept added | parameters | val loss | bits/char | wall time | machine |",
-             "|---|---|---:|---:|---:|---:|---|"]
-    for m in runs:
-        lines.append(f"| {m['stage']} | {CONCEPTS.get(m['stage'], '')} | {m['parameters']:,} | "
-                     f"{m['val_loss']:.4f} | {m['val_bpc']:.3f} | {minutes_seconds(m['history'][-1]['seconds'])} "
-                     f"| {m['machine']} |")
+    """The runs as a Markdown table, one row each, named by the run's folder."""
+    lines = ["| run | stage | concept added | settings that differ | parameters | val loss | bits/char "
+             "| wall time | machine |",
+             "|---|---|---|---|---:|---:|---:|---:|---|"]
+    for m, differing in zip(runs, differences(runs)):
+        lines.append(f"| {m['run']} | {m['stage']} | {CONCEPTS.get(m['stage'], '')} | {differing} | "
+                     f"{m['parameters']:,} | {m['val_loss']:.4f} | {m['val_bpc']:.3f} | "
+                     f"{minutes_seconds(m['history'][-1]['seconds'])} | {m['machine']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -197,22 +236,22 @@ def plot_progression(runs, path):
     for m in runs:
         history = m["history"]
         val = [h["val"] for h in history]
-        by_time.plot([h["seconds"] for h in history], val, "o-", markersize=3, label=m["stage"])
-        by_step.plot([h["step"] for h in history], val, "o-", markersize=3, label=m["stage"])
+        by_time.plot([h["seconds"] for h in history], val, "o-", markersize=3, label=m["run"])
+        by_step.plot([h["step"] for h in history], val, "o-", markersize=3, label=m["run"])
     by_time.set(xlabel="wall time (s), evaluation included", ylabel="val loss (nats per token)")
     by_step.set(xlabel="training step")
     for ax in (by_time, by_step):
         ax.grid(alpha=0.3)
     by_step.legend()
-    fig.suptitle("validation loss, stage by stage")
+    fig.suptitle("validation loss, run by run")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m shared.report", description="A Markdown table and a "
-                                     "figure of the val loss of every run found in the folders given.")
+    parser = Parser(prog="python -m shared.report", description="A Markdown table and a figure of the val "
+                    "loss of every run found in the folders given.")
     parser.add_argument("folders", nargs="+", metavar="DIR", help="a run's --out folder, or a folder of them")
     parser.add_argument("--out", metavar="DIR", help="where report.md and report.png go "
                         "(default: the first folder given)")
@@ -231,5 +270,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from shared.cli import run
     run(main)

@@ -45,9 +45,9 @@ def measure_training(dtypes, rounds, steps=10):
     ever slow a round down."""
     import torch
     sys.path.insert(0, str(ROOT))
-    gpt = __import__("05_gpt")
-    from shared.cli import select_device
+    gpt = __import__("06_train_for_real")  # 05's model and recipe, with its step as a function
     from shared.data import get_batch, load_dataset
+    from shared.device import select_device
     device = select_device("auto")
     preset = "cpu" if device.type == "cpu" else "shakespeare"
     defaults = gpt.flag_defaults(preset)
@@ -58,13 +58,13 @@ def measure_training(dtypes, rounds, steps=10):
         torch.manual_seed(1337)
         model = gpt.GPT(dataclasses.replace(gpt.PRESETS[preset], vocab_size=tokenizer.vocab_size)).to(device)
         runs[dtype] = dict(args=args, model=model, optimizer=gpt.configure_optimizer(model, args), step=0,
-                           best=float("inf"))
+                           scaler=torch.amp.GradScaler(enabled=False), best=float("inf"))
     for round_ in range(rounds + 1):  # round 0 warms up
         for run in runs.values():
             args, start = run["args"], time.time()
             for _ in range(steps):
                 batch = get_batch(train_data, args.batch_size, args.block_size, device)
-                gpt.train_step(run["model"], run["optimizer"], [batch], args, run["step"])  # .item() waits for a GPU
+                gpt.train_step(run["model"], run["optimizer"], [batch], args, run["step"], run["scaler"])
                 run["step"] += 1
             if round_:
                 run["best"] = min(run["best"], (time.time() - start) / steps)
@@ -79,7 +79,7 @@ def measure_generation(new_tokens=500, rounds=3):
     import torch
     sys.path.insert(0, str(ROOT))
     gpt = __import__("05_gpt")
-    from shared.cli import select_device
+    from shared.device import select_device
     device = select_device("auto")
     torch.manual_seed(1337)
     model = gpt.GPT(dataclasses.replace(gpt.PRESETS["shakespeare"], vocab_size=65)).to(device).eval()
@@ -122,7 +122,7 @@ def main():
 
     import torch
     sys.path.insert(0, str(ROOT))
-    from shared.report import machine
+    from shared.device import machine
     print(f"machine: {machine('cpu')}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
           f"Python {platform.python_version()}, PyTorch {torch.__version__}\n")
 

@@ -1,5 +1,5 @@
 """The scripts as a user runs them: end to end, bad input, and the diffs between stages."""
-import difflib
+import ast
 import json
 import re
 import subprocess
@@ -8,9 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, STAGES, load_stage, stage_error
-
-QUICK = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2", "--max-new-tokens", "40"]
+from conftest import ALL_STAGES, GPT_STAGES, ROOT, STAGES, load_stage, quick_flags, stage_error
 
 
 def run_script(name, *flags):
@@ -18,14 +16,16 @@ def run_script(name, *flags):
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("name", STAGES)
+@pytest.mark.parametrize("name", ALL_STAGES)
 def test_runs_end_to_end(name, tmp_path):
-    result = run_script(name, *QUICK, "--out", str(tmp_path / "run"))
+    result = run_script(name, *quick_flags(name, tmp_path / "run"), "--max-new-tokens", "40")
     assert result.returncode == 0, result.stderr
-    lines = re.findall(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})", result.stdout, re.M)
-    assert [int(step) for step, _, _ in lines] == [0, 3, 6]
+    lines = re.findall(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4}), val (\d+\.\d{3}) bits/char",
+                       result.stdout, re.M)
+    assert [int(step) for step, *_ in lines] == [0, 3, 6]
     assert "ms/step" in result.stdout and "left" in result.stdout
-    sample = result.stdout.split("-" * 80 + "\n")[-1]
+    separator = r"^-{30} top-p 0\.9 -+\n" if name in GPT_STAGES else "^-{80}\n"
+    sample = re.split(separator, result.stdout, flags=re.M)[-1]
     assert len(sample) >= 40  # 40 new characters after the start token
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["stage"] == name
@@ -61,20 +61,96 @@ def test_heads_must_divide_the_width(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_missing_device_is_reported(capsys):
-    assert "no CUDA GPU" in stage_error(capsys, load_stage("01_bigram").main, "--device", "cuda", *QUICK)
+    assert "no CUDA GPU" in stage_error(capsys, load_stage("01_bigram").main, "--device", "cuda",
+                                        *quick_flags("01_bigram"))
 
 
+# ----------------------------------------------------------------------------- one idea per stage
+
+PAIRS = list(zip(ALL_STAGES, ALL_STAGES[1:]))
 BUDGETS = {("01_bigram", "02_single_head"): 60, ("02_single_head", "03_multi_head"): 30,
-           ("03_multi_head", "04_block"): 70}
+           ("03_multi_head", "04_block"): 70, ("04_block", "05_gpt"): 350, ("05_gpt", "06_train_for_real"): 400}
+COMMON = ["estimate_loss", "progress", "check_finite", "train", "generate"]  # the loop of 01-04, whole
+# The definitions each stage takes over from the one before without changing a character.
+UNCHANGED = {
+    ("01_bigram", "02_single_head"): COMMON,
+    ("02_single_head", "03_multi_head"): COMMON + ["Head"],
+    ("03_multi_head", "04_block"): COMMON,
+    ("04_block", "05_gpt"): ["estimate_loss", "progress", "check_finite"],  # the recipe changes train
+    ("05_gpt", "06_train_for_real"): ["GPTConfig", "PRESETS", "KVCache", "CausalSelfAttention",
+                                      "causal_attention_weights", "MLP", "Block", "resolve_dtype", "autocast",
+                                      "configure_optimizer", "learning_rate", "check_finite", "greedy",
+                                      "top_k_filter", "top_p_filter", "sample_next", "generate"],
+}
+# main's steps, in this order, in every stage
+SKELETON = ["parse_args", "select_device", "load_dataset", "build_model", "train", "save_metrics",
+            "plot_attention", "generate"]
 
 
-@pytest.mark.parametrize("pair", BUDGETS, ids="->".join)
+def definitions(name):
+    """The source of each top-level function, class and constant of a stage, by name."""
+    source = (ROOT / f"{name}.py").read_text()
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            found[node.name] = ast.get_source_segment(source, node)
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            found[node.targets[0].id] = ast.get_source_segment(source, node)
+    return found
+
+
+def main_calls(name):
+    """The names of the functions main() calls, directly or through a helper of the stage, in order."""
+    tree = ast.parse(definitions(name)["main"])
+    calls = [n.func for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    named = sorted((c.lineno, c.col_offset, c.attr if isinstance(c, ast.Attribute) else c.id)
+                   for c in calls if isinstance(c, (ast.Name, ast.Attribute)))
+    helpers = {"print_samples": ["generate"]}  # stage 06 samples through print_samples
+    return [step for *_, called in named for step in helpers.get(called, [called])]
+
+
+def changed_lines(before, after):
+    """Lines removed plus lines added by the shortest edit from before to after: what `diff`
+    prints with < and >. (len(before) + len(after) - 2 * their longest common subsequence)"""
+    common = [0] * (len(after) + 1)  # common[j]: the longest common subsequence with after[:j]
+    for line in before:
+        diagonal = 0
+        for j, other in enumerate(after, 1):
+            diagonal, common[j] = common[j], diagonal + 1 if line == other else max(common[j], common[j - 1])
+    return len(before) + len(after) - 2 * common[-1]
+
+
+def test_every_pair_of_consecutive_stages_has_a_budget():
+    assert set(BUDGETS) == set(PAIRS) == set(UNCHANGED)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids="->".join)
 def test_consecutive_stages_differ_only_by_their_concept(pair):
-    """Training, evaluation and sampling are the same code in every stage, line for line, and
-    the whole diff stays within its budget."""
-    before, after = [(ROOT / f"{name}.py").read_text() for name in pair]
-    common = before[before.index("# -------------------------------------------------------------------------"
-                                 "---- training"):before.index("def main(")]
-    assert common in after
-    changed = [line for line in difflib.ndiff(before.splitlines(), after.splitlines()) if line[:1] in "+-"]
-    assert len(changed) <= BUDGETS[pair]
+    """The whole diff stays within its budget, and what the new idea does not touch is the same,
+    character for character: the training loop, the loss estimates, progress, sampling."""
+    before, after = [(ROOT / f"{name}.py").read_text().splitlines() for name in pair]
+    changed = changed_lines(before, after)
+    assert changed <= BUDGETS[pair], f"diff {pair[0]}.py {pair[1]}.py: {changed} lines, over {BUDGETS[pair]}"
+    old, new = map(definitions, pair)
+    for name in UNCHANGED[pair]:
+        assert new.get(name) == old[name], f"{name} changed from {pair[0]} to {pair[1]}"
+
+
+@pytest.mark.parametrize("name", ALL_STAGES)
+def test_main_has_the_same_skeleton_in_every_stage(name):
+    calls = main_calls(name)
+    steps = [step for step in SKELETON if step != "plot_attention" or name != "01_bigram"]  # a table has none
+    last = [len(calls) - 1 - calls[::-1].index(step) for step in steps]  # each step is there ...
+    assert last == sorted(last), calls  # ... and the last time it comes, in the same order
+
+
+def test_changed_lines_counts_as_diff_does():
+    assert changed_lines(list("abcde"), list("abXde")) == 2  # one line replaced: < c, > X
+    assert changed_lines(list("abc"), list("abc")) == 0
+    assert changed_lines(list("abc"), list("xabcy")) == 2
+    assert changed_lines([], list("ab")) == 2
+
+
+def test_the_numbered_scripts_are_all_stages():
+    assert [p.stem for p in sorted(ROOT.glob("[0-9][0-9]_*.py"))] == ALL_STAGES
+    assert STAGES == ALL_STAGES[:4]

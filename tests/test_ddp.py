@@ -1,4 +1,4 @@
-"""Stage 05 on two processes with torchrun and DDP over Gloo (CPU)."""
+"""Stage 06 on two processes with torchrun and DDP over Gloo (CPU)."""
 import os
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, load_stage
 
-gpt = load_stage("05_gpt")
+gpt = load_stage("06_train_for_real")
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "2", "--warmup-iters", "2", "--seed", "0", "--max-new-tokens", "0"]
 
@@ -27,17 +27,17 @@ def val_losses(stdout):
 
 
 def test_two_processes_train_write_one_checkpoint_and_resume(tmp_path):
-    first = torchrun("05_gpt.py", *TINY, "--max-iters", "20", "--eval-interval", "10", "--lr", "1e-2",
+    first = torchrun("06_train_for_real.py", *TINY, "--max-iters", "20", "--eval-interval", "10", "--lr", "1e-2",
                      "--out", str(tmp_path))
     assert first.returncode == 0, first.stderr
-    assert "x 2 processes = 128 tokens per step" in first.stdout
+    assert "x 2 process(es) = 128 tokens per step" in first.stdout
     losses = val_losses(first.stdout)
     assert list(losses) == [0, 10, 20] and losses[20] < losses[0] - 0.3  # printed once, by rank 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "loss.png", "metrics.json"]
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 20 and len(checkpoint["rng_states"]) == 2
 
-    resumed = torchrun("05_gpt.py", *TINY, "--max-iters", "30", "--eval-interval", "10", "--lr", "1e-2",
+    resumed = torchrun("06_train_for_real.py", *TINY, "--max-iters", "30", "--eval-interval", "10", "--lr", "1e-2",
                        "--resume", "--out", str(tmp_path))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from step 20" in resumed.stdout and list(val_losses(resumed.stdout)) == [30]
@@ -47,7 +47,7 @@ STEP_ON_EACH_RANK = textwrap.dedent("""
     import importlib, sys, types
     import torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    gpt = importlib.import_module("05_gpt")
+    gpt = importlib.import_module("06_train_for_real")
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     args = types.SimpleNamespace(lr=1e-3, warmup_iters=0, max_iters=10, weight_decay=0.1, grad_clip=1.0,
@@ -58,7 +58,8 @@ STEP_ON_EACH_RANK = textwrap.dedent("""
     half = len(x) // 2
     rows = slice(rank * half, (rank + 1) * half)
     ddp_model = DDP(model)
-    gpt.train_step(ddp_model, gpt.configure_optimizer(model, args), [(x[rows], y[rows])], args, step=0)
+    scaler = torch.amp.GradScaler(enabled=False)
+    gpt.train_step(ddp_model, gpt.configure_optimizer(model, args), [(x[rows], y[rows])], args, 0, scaler)
     if rank == 0:
         torch.save(model.state_dict(), sys.argv[2])
     dist.barrier()
@@ -79,7 +80,7 @@ def test_one_step_on_two_processes_equals_one_step_on_their_rows_together(tmp_pa
     torch.manual_seed(0)
     model = gpt.GPT(gpt.GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    gpt.train_step(model, gpt.configure_optimizer(model, args), [(x, y)], args, step=0)
+    gpt.train_step(model, gpt.configure_optimizer(model, args), [(x, y)], args, 0, torch.amp.GradScaler(enabled=False))
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for name, tensor in model.state_dict().items():
         assert not torch.equal(tensor, before[name])  # the step moved every parameter

@@ -1,4 +1,4 @@
-"""Stage 05 with GPT-2's weights through Hugging Face transformers, all offline: a small GPT-2 with
+"""Stage 06 with GPT-2's weights through Hugging Face transformers, all offline: a small GPT-2 with
 random weights stands in for OpenAI's, saved and loaded the way a downloaded one would be."""
 import os
 import subprocess
@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, load_stage, stage_error
 
 transformers = pytest.importorskip("transformers")
-gpt = load_stage("05_gpt")
+gpt = load_stage("06_train_for_real")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,8 @@ def test_fine_tune_from_loaded_weights_then_sample(hf_model_folder, tmp_path, ca
     assert checkpoint["config"]["block_size"] == 16 and checkpoint["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"}
     gpt.main(["--sample", "--out", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "5"])
     assert "ROMEO:" in capsys.readouterr().out
-    gpt.main(["--init-from", str(folder), "--sample", "--prompt", "Hello", "--max-new-tokens", "5"])
+    gpt.main(["--init-from", str(folder), "--sample", "--prompt", "Hello", "--max-new-tokens", "5",
+              "--out", str(tmp_path)])
     assert "Hello" in capsys.readouterr().out
 
 
@@ -78,17 +79,17 @@ def test_fine_tune_from_loaded_weights_then_sample(hf_model_folder, tmp_path, ca
     (["--block-size", "64"], "longer than"),
     (["--tokenizer", "char"], "--tokenizer gpt2"),
 ])
-def test_bad_pretrained_flags_get_one_sentence(hf_model_folder, capsys, flags, message):
+def test_bad_pretrained_flags_get_one_sentence(hf_model_folder, capsys, tmp_path, flags, message):
     assert message in stage_error(capsys, gpt.main, "--init-from", str(hf_model_folder[0]), *flags,
-                                  "--max-iters", "1")
+                                  "--max-iters", "1", "--out", str(tmp_path))
 
 
 def test_offline_without_a_local_folder_gets_one_sentence(tmp_path):
     # a fresh process, as the hub library reads these variables when it is first imported
-    result = subprocess.run([sys.executable, "05_gpt.py", "--init-from", "gpt2", "--sample"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "06_train_for_real.py", "--init-from", "gpt2", "--sample"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
-    assert result.returncode == 2 and "could not load GPT-2 weights from 'gpt2'" in result.stderr
+    assert result.returncode == 2 and "could not load 'gpt2'" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 

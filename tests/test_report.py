@@ -1,6 +1,7 @@
 """What a run leaves behind (metrics.json, loss.png, attention.png) and the report made from runs."""
 import contextlib
 import io
+import json
 import math
 import re
 import struct
@@ -9,12 +10,8 @@ import matplotlib.image
 import pytest
 import torch
 
-from conftest import STAGES, build_model, load_stage, stage_error
+from conftest import ALL_STAGES, GPT_STAGES, build_model, load_stage, quick_flags, stage_error
 from shared import report
-
-ALL_STAGES = STAGES + ["05_gpt"]
-QUICK = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2", "--max-new-tokens", "0", "--seed", "0"]
-SMALL_GPT = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +21,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     printed = {}
     for name in ALL_STAGES:
-        flags = [*QUICK, *(SMALL_GPT if name == "05_gpt" else []), "--out", str(root / name)]
-        flags += ["--plot-attention"] if name != "01_bigram" else []
+        flags = quick_flags(name, root / name) + (["--plot-attention"] if name != "01_bigram" else [])
         with contextlib.redirect_stdout(io.StringIO()) as stdout:
             load_stage(name).main(flags)
         printed[name] = stdout.getvalue()
@@ -44,8 +40,9 @@ def assert_image(path, min_side=300):
 @pytest.mark.parametrize("name", ALL_STAGES)
 def test_metrics_follow_the_schema_and_the_printed_losses(runs, name):
     root, printed = runs
-    metrics = report.read_runs([root / name])[0]
+    metrics = json.loads((root / name / "metrics.json").read_text())
     assert set(metrics) == set(report.METRICS_FIELDS)
+    assert report.read_runs([root / name]) == [{"run": name, **metrics}]
     assert metrics["stage"] == name and metrics["config"]["max_iters"] == 6
     assert metrics["tokenizer"]["kind"] == "char" and metrics["vocab_size"] == len(metrics["tokenizer"]["chars"])
     assert f"{metrics['parameters']:,} parameters" in printed[name]
@@ -73,10 +70,10 @@ def test_each_run_draws_its_loss_curves_and_attention(runs, name):
 
 
 @pytest.mark.parametrize("name,layers,heads", [("02_single_head", 1, 1), ("03_multi_head", 1, 3),
-                                               ("04_block", 2, 3), ("05_gpt", 2, 3)])
+                                               ("04_block", 2, 3), *[(name, 2, 3) for name in GPT_STAGES]])
 def test_attention_maps_come_per_layer_and_head_and_are_causal(name, layers, heads):
     stage = load_stage(name)
-    if name == "05_gpt":
+    if name in GPT_STAGES:
         model = stage.GPT(stage.GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=3, n_embd=24))
     else:
         model = build_model(stage, 65, n_embd=24, n_head=3, n_layer=2)
@@ -103,14 +100,32 @@ def test_report_has_a_row_per_run_and_a_figure(runs, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         report.main([str(root)])
     rows = (root / "report.md").read_text().splitlines()[2:]
-    assert [row.split("|")[1].strip() for row in rows] == ALL_STAGES
-    assert all(len(row.split("|")) == 9 for row in rows)  # 7 columns
+    assert [row.split("|")[1].strip() for row in rows] == ALL_STAGES  # runs named by their folders
+    assert [row.split("|")[2].strip() for row in rows] == ALL_STAGES
+    assert all(len(row.split("|")) == 11 for row in rows)  # 9 columns
+    assert all(row.split("|")[4].strip() == "" for row in rows)  # one run per stage: nothing to compare
     assert_image(root / "report.png")
 
     with contextlib.redirect_stdout(io.StringIO()):
         report.main([str(root / "04_block"), str(root / "01_bigram"), "--out", str(tmp_path)])
     rows = (tmp_path / "report.md").read_text().splitlines()[2:]
     assert [row.split("|")[1].strip() for row in rows] == ["01_bigram", "04_block"]
+
+
+def test_runs_of_one_stage_are_told_apart_by_what_differs(runs, tmp_path):
+    root, _ = runs
+    metrics = json.loads((root / "05_gpt" / "metrics.json").read_text())
+    variants = {"char": {}, "bpe": {"tokenizer": {"kind": "tiktoken", "name": "gpt2"}},
+                "wide": {"config": {**metrics["config"], "n_embd": 48}}}
+    for name, changes in variants.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({**metrics, **changes}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        report.main([str(tmp_path)])
+    rows = {row.split("|")[1].strip(): row.split("|")[4].strip()
+            for row in (tmp_path / "report.md").read_text().splitlines()[2:]}
+    assert rows == {"bpe": "n-embd 32, tokenizer gpt2", "char": "n-embd 32, tokenizer char",
+                    "wide": "n-embd 48, tokenizer char"}
 
 
 def test_report_of_a_folder_without_runs(capsys, tmp_path):

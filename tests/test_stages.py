@@ -63,7 +63,7 @@ def test_loss_drops_after_a_few_dozen_steps(stage):
     torch.manual_seed(0)
     tokenizer, train_data, val_data = load_dataset(block_size=args.block_size)
     model = build_model(stage, tokenizer.vocab_size, block_size=args.block_size)
-    history, _ = stage.train(model, train_data, val_data, args, "cpu")
+    history, _ = stage.train(model, train_data, val_data, args, "cpu", 1.0)
     assert [h["step"] for h in history] == [0, 40]
     assert history[0]["val"] - history[-1]["val"] > 0.5
 
@@ -75,7 +75,7 @@ def test_same_seed_same_losses(stage):
     for _ in range(2):
         torch.manual_seed(args.seed)
         model = build_model(stage, tokenizer.vocab_size, block_size=args.block_size)
-        history, _ = stage.train(model, train_data, val_data, args, "cpu")
+        history, _ = stage.train(model, train_data, val_data, args, "cpu", 1.0)
         runs.append([(h["train"], h["val"]) for h in history])
     assert runs[0] == runs[1]
 
