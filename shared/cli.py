@@ -1,6 +1,7 @@
 """The command line every stage shares: its flags, their checks, and one sentence for every error."""
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -57,12 +58,29 @@ def checked(name, kind):
 
 
 def nonempty(name):
-    """An argparse type for a text flag that must say something."""
+    """An argparse type for a text flag: not empty, and valid UTF-8 (a shell can pass any bytes)."""
     def convert(text):
-        if not text.strip():
+        if not text:
             raise argparse.ArgumentTypeError(f"expected {name}, got an empty string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8 text") from None
         return text
     return convert
+
+
+def check_out(parser, out):
+    """--out is made now, before any training, so that a folder it can't write in is found out
+    before the run, not after it."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except FileExistsError:
+        parser.error(f"--out {out} is a file, not a folder")
+    except OSError as err:
+        parser.error(f"--out {out}: cannot write there ({err.strerror or err})")
 
 
 def in_notebook():
@@ -98,6 +116,8 @@ def parse_args(argv, description, hyperparameters, add_flags=None, has_attention
     args = parser.parse_args([] if argv is None and in_notebook() else argv)
     if "n_head" in hyperparameters and args.n_embd % args.n_head:
         parser.error(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
+    if args.out:
+        check_out(parser, args.out)
     return args
 
 

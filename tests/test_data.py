@@ -1,5 +1,6 @@
 import hashlib
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -110,3 +111,15 @@ def test_validation_split_must_fit_the_block(tmp_path):
     load_dataset(path, block_size=99)
     with pytest.raises(UserError, match="block size"):
         load_dataset(path, block_size=100)
+
+
+def test_a_killed_downloads_leftover_is_removed_by_the_next_one(local_copy, tmp_path, monkeypatch):
+    source = tmp_path / "served.txt"
+    shutil.move(local_copy, source)
+    monkeypatch.setattr(data, "URL", source.as_uri())
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its process id now belongs to no one
+    leftover = local_copy.parent / f"{local_copy.name}.{gone.pid}.x1y2.tmp"
+    leftover.write_text("the first half of a download")
+    assert len(read_text()) == 1_115_394
+    assert list(local_copy.parent.iterdir()) == [local_copy]

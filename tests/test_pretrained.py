@@ -86,7 +86,8 @@ def test_bad_pretrained_flags_get_one_sentence(hf_model_folder, capsys, tmp_path
 
 def test_offline_without_a_local_folder_gets_one_sentence(tmp_path):
     # a fresh process, as the hub library reads these variables when it is first imported
-    result = subprocess.run([sys.executable, "06_train_for_real.py", "--init-from", "gpt2", "--sample"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "06_train_for_real.py", "--init-from", "gpt2", "--sample",
+                             "--out", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert result.returncode == 2 and "could not load 'gpt2'" in result.stderr

@@ -1,12 +1,15 @@
 """Every stage under bad input: one sentence on stderr and exit status 2, never a traceback."""
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from conftest import GPT_STAGES, ROOT, load_stage, quick_flags, stage_error
+from conftest import ALL_STAGES, GPT_STAGES, ROOT, load_stage, quick_flags, stage_error
 
 
 @pytest.mark.parametrize("name", GPT_STAGES)
@@ -39,8 +42,8 @@ def test_bad_sampling_flags(capsys, flags, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 @pytest.mark.parametrize("name", GPT_STAGES)
-def test_unavailable_device(capsys, name):
-    assert "no CUDA GPU" in stage_error(capsys, load_stage(name).main, "--device", "cuda")
+def test_unavailable_device(capsys, tmp_path, name):
+    assert "no CUDA GPU" in stage_error(capsys, load_stage(name).main, "--device", "cuda", "--out", str(tmp_path))
 
 
 @pytest.mark.parametrize("content,message", [
@@ -56,7 +59,8 @@ def test_bad_data_files(capsys, tmp_path, content, message):
 
 
 def test_missing_data_file(capsys, tmp_path):
-    assert "no such file" in stage_error(capsys, load_stage("05_gpt").main, "--data", str(tmp_path / "nothing.txt"))
+    assert "no such file" in stage_error(capsys, load_stage("06_train_for_real").main, "--data",
+                                         str(tmp_path / "nothing.txt"), "--out", str(tmp_path))
 
 
 def test_no_network_for_tiktoken(tmp_path):
@@ -67,3 +71,110 @@ def test_no_network_for_tiktoken(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2 and "could not fetch tiktoken's files" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- every stage, at the edges
+
+@pytest.mark.parametrize("name", ALL_STAGES)
+def test_a_diverging_run_ends_with_one_sentence_in_every_stage(capsys, tmp_path, name):
+    message = stage_error(capsys, load_stage(name).main, *quick_flags(name, tmp_path), "--max-iters", "30",
+                          "--eval-interval", "10", "--lr", "1e12", "--max-new-tokens", "50")
+    assert re.search(r"the loss became (nan|inf) at step \d+: training diverged; try a smaller --lr", message)
+
+
+EDGES = [  # (flags, what the one sentence says)
+    (["--seed", "-1"], "must be 0 or more and below 2**63"),
+    (["--seed", str(2**64)], "must be 0 or more and below 2**63"),
+    (["--lr", "nan"], "expected a finite number"),
+    (["--lr", "inf"], "expected a finite number"),
+    (["--lr", ""], "expected a number"),
+    (["--batch-size", "1e3"], "expected an integer"),
+    (["--eval-interval", "0"], "must be above 0"),
+    (["--max-new-tokens", "-1"], "must be 0 or more"),
+    (["--out", ""], "expected a folder, got an empty string"),
+    (["--device", ""], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("name", ALL_STAGES)
+@pytest.mark.parametrize("flags,message", EDGES, ids=lambda x: " ".join(x) if isinstance(x, list) else "")
+def test_flags_at_their_edges_in_every_stage(capsys, name, flags, message):
+    assert message in stage_error(capsys, load_stage(name).main, *flags)
+
+
+@pytest.mark.parametrize("name", ALL_STAGES)
+def test_paths_that_are_not_what_they_should_be(capsys, tmp_path, name):
+    main = load_stage(name).main
+    (tmp_path / "file").write_text("a file")
+    assert "is a file, not a folder" in stage_error(capsys, main, "--out", str(tmp_path / "file"))
+    assert "cannot write there (Not a directory)" in stage_error(capsys, main, "--out", str(tmp_path / "file" / "x"))
+    assert "cannot be read (Is a directory)" in stage_error(capsys, main, "--data", str(tmp_path), "--out", str(tmp_path))
+    assert "has 0 characters" in stage_error(capsys, main, "--data", "/dev/null", "--out", str(tmp_path))
+
+
+SMALLEST = {"01_bigram": [], "02_single_head": ["--n-embd", "1"], "03_multi_head": ["--n-embd", "1", "--n-head", "1"],
+            **{name: ["--n-embd", "1", "--n-head", "1", "--n-layer", "1"] for name in ALL_STAGES[3:]}}
+
+
+@pytest.mark.parametrize("name", ALL_STAGES)
+def test_the_smallest_sizes_train(capsys, tmp_path, name):
+    load_stage(name).main([*quick_flags(name, tmp_path), *SMALLEST[name], "--block-size", "1", "--batch-size", "1",
+                           "--max-new-tokens", "5"])
+    assert "step 6: train loss" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- what is sampled
+
+@pytest.fixture(scope="module")
+def checkpoint_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    load_stage("06_train_for_real").main([*quick_flags("06_train_for_real", out)])
+    return out
+
+
+def sample(folder, *flags):
+    return subprocess.run([sys.executable, "06_train_for_real.py", "--sample", "--out", str(folder), *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flags,check", [
+    (["--prompt", " "], lambda out: out.count(" sample ") == 1),  # whitespace is text like any other
+    (["--prompt", "ROMEO: " * 20], lambda out: "ROMEO: " * 20 in out),  # 140 characters, a 16-token context
+    (["--prompt", "ROMEO:", "--max-new-tokens", "0"], lambda out: out.rstrip().endswith("ROMEO:")),
+    (["--temperature", "1e-30"], lambda out: "sample" in out),  # as greedy
+    (["--temperature", "1e30"], lambda out: "sample" in out),  # as uniform
+    (["--top-p", "1e-9"], lambda out: "sample" in out),  # the top token only
+    (["--top-k", "100000"], lambda out: "sample" in out),  # more than the 65 tokens: all of them
+    (["--num-samples", "9", "--batch-size", "4"], lambda out: out.count(" sample ") == 9),  # in 3 batches
+], ids=["whitespace", "longer than the context", "no new tokens", "cold", "hot", "tiny top-p", "huge top-k",
+        "more samples than a batch"])
+def test_sampling_at_the_edges_works(checkpoint_folder, flags, check):
+    result = sample(checkpoint_folder, "--max-new-tokens", "20", *flags)
+    assert result.returncode == 0, result.stderr
+    assert check(result.stdout), result.stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--prompt", ""], "expected some text, got an empty string"),
+    (["--prompt", "\udcff"], "is not valid UTF-8 text"),  # what a shell passes for the byte 0xff
+    (["--prompt", "🙂"], "never occurs in the training text"),
+])
+def test_prompts_the_model_cannot_start_from(capsys, checkpoint_folder, flags, message):
+    assert message in stage_error(capsys, load_stage("06_train_for_real").main, "--sample",
+                                  "--out", str(checkpoint_folder), *flags)
+
+
+def test_ctrl_c_stops_training_then_a_second_one_stops_sampling(tmp_path):
+    process = subprocess.Popen([sys.executable, "01_bigram.py", "--max-iters", "1000000", "--max-new-tokens",
+                                "10000000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("step 500:"):
+            break
+    process.send_signal(signal.SIGINT)  # training stops; the sample starts
+    for line in process.stdout:
+        if line.startswith("interrupted at step"):
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)  # stops the sample
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.strip() == "01_bigram.py: interrupted"
