@@ -25,6 +25,7 @@ from shared.cli import parse_args, run
 from shared.data import get_batch, load_dataset
 from shared.device import build_model, select_device
 
+
 # %% Hyperparameters: the defaults of the flags (batch_size is --batch-size); in a notebook, edit them here
 @dataclass
 class GPTConfig:
@@ -410,9 +411,9 @@ def main(argv=None):
     device = select_device(args.device)
     args.dtype = resolve_dtype(args.dtype, device)
     tokenizer, train_data, val_data = load_dataset(args.data, args.block_size, args.tokenizer)
-    model = build_model(lambda: GPT(replace(PRESETS[preset], vocab_size=tokenizer.vocab_size, block_size=args.block_size,
-                                            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                                            dropout=args.dropout)), args, device)
+    model = build_model(lambda: GPT(replace(PRESETS[preset], vocab_size=tokenizer.vocab_size,
+                                            block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                                            n_embd=args.n_embd, dropout=args.dropout)), args, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params:,} parameters (every weight and bias, the tied wte/lm_head once), "
           f"{tokenizer.vocab_size} tokens, on {device} in {args.dtype}; preset {preset}")

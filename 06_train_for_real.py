@@ -35,6 +35,7 @@ from shared.cli import checked, nonempty, parse_args, run
 from shared.data import TiktokenTokenizer, get_batch, load_dataset, pretrained_model, tokenizer_from_identity
 from shared.device import all_reduce, build_model, check_memory, select_device, setup_distributed
 
+
 # %% Hyperparameters: the defaults of the flags (batch_size is --batch-size); in a notebook, edit them here
 @dataclass
 class GPTConfig:
@@ -573,8 +574,8 @@ def add_flags(parser):
     parser.set_defaults(out=f"runs/{STAGE}")  # unlike stages 01-05, always keep the checkpoint
     parser.add_argument("--preset", choices=PRESETS, help="model shape and recipe "
                         "(default: cpu on a CPU, shakespeare on a GPU)")
-    parser.add_argument("--init-from", type=nonempty("a model"), metavar="NAME|DIR", help="start from GPT-2's "
-                        "weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a save_pretrained folder (needs transformers)")
+    parser.add_argument("--init-from", type=nonempty("a model"), metavar="NAME|DIR", help="start from GPT-2's weights: "
+                        "gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a save_pretrained folder (needs transformers)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="autocast precision for training; auto: bfloat16 where the hardware has it")
     parser.add_argument("--tokenizer", help="char, or a tiktoken encoding such as gpt2 "
@@ -640,9 +641,9 @@ def main(argv=None):
         check_memory(model, args, device)
         model.to(device)
     else:
-        model = build_model(lambda: GPT(replace(PRESETS[preset], vocab_size=tokenizer.vocab_size, block_size=args.block_size,
-                                                n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                                                dropout=args.dropout)), args, device)
+        model = build_model(lambda: GPT(replace(PRESETS[preset], vocab_size=tokenizer.vocab_size,
+                                                block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                                                n_embd=args.n_embd, dropout=args.dropout)), args, device)
     optimizer = configure_optimizer(model, args)
     step, history = 0, []
     if checkpoint:

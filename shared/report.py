@@ -222,7 +222,7 @@ def table(runs):
     lines = ["| run | stage | concept added | settings that differ | parameters | val loss | bits/char "
              "| wall time | machine |",
              "|---|---|---|---|---:|---:|---:|---:|---|"]
-    for m, differing in zip(runs, differences(runs)):
+    for m, differing in zip(runs, differences(runs), strict=True):
         lines.append(f"| {m['run']} | {m['stage']} | {CONCEPTS.get(m['stage'], '')} | {differing} | "
                      f"{m['parameters']:,} | {m['val_loss']:.4f} | {m['val_bpc']:.3f} | "
                      f"{minutes_seconds(m['history'][-1]['seconds'])} | {m['machine']} |")

@@ -144,7 +144,7 @@ def main():
     runs = {"default": default_run(), "float32": default_run("--dtype", "float32")}
     print("python 05_gpt.py: validation loss by step (default path against --dtype float32)")
     print("   step | default: s   val  | float32: s   val")
-    for a, b in zip(runs["default"][0]["history"], runs["float32"][0]["history"]):
+    for a, b in zip(runs["default"][0]["history"], runs["float32"][0]["history"], strict=True):
         print(f"  {a['step']:5} | {a['seconds']:8.0f} {a['val']:.4f} | {b['seconds']:8.0f} {b['val']:.4f}")
     print("\nbest validation loss reached by wall-clock time (training seconds)")
     print("  seconds | default | float32")

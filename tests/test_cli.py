@@ -1,5 +1,6 @@
 """The scripts as a user runs them: end to end, bad input, and the diffs between stages."""
 import ast
+import itertools
 import json
 import re
 import subprocess
@@ -67,7 +68,7 @@ def test_missing_device_is_reported(capsys):
 
 # ----------------------------------------------------------------------------- one idea per stage
 
-PAIRS = list(zip(ALL_STAGES, ALL_STAGES[1:]))
+PAIRS = list(itertools.pairwise(ALL_STAGES))
 BUDGETS = {("01_bigram", "02_single_head"): 60, ("02_single_head", "03_multi_head"): 30,
            ("03_multi_head", "04_block"): 70, ("04_block", "05_gpt"): 350, ("05_gpt", "06_train_for_real"): 400}
 COMMON = ["estimate_loss", "progress", "check_finite", "train", "generate"]  # the loop of 01-04, whole

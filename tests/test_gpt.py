@@ -1,4 +1,5 @@
 """Stage 05: GPT-2's architecture, its parameter counts, fused attention, the samplers and the KV cache."""
+import itertools
 import json
 import math
 import re
@@ -123,7 +124,7 @@ def test_the_schedule_warms_up_then_decays_to_a_tenth():
     args = types.SimpleNamespace(lr=1.0, warmup_iters=10, max_iters=110)
     lrs = [gpt.learning_rate(step, args) for step in range(111)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then only down
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))  # then only down
     assert lrs[60] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1)  # cosine: halfway, end
 
 

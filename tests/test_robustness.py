@@ -108,8 +108,9 @@ def test_paths_that_are_not_what_they_should_be(capsys, tmp_path, name):
     (tmp_path / "file").write_text("a file")
     assert "is a file, not a folder" in stage_error(capsys, main, "--out", str(tmp_path / "file"))
     assert "cannot write there (Not a directory)" in stage_error(capsys, main, "--out", str(tmp_path / "file" / "x"))
-    assert "cannot be read (Is a directory)" in stage_error(capsys, main, "--data", str(tmp_path), "--out", str(tmp_path))
-    assert "has 0 characters" in stage_error(capsys, main, "--data", "/dev/null", "--out", str(tmp_path))
+    out = ["--out", str(tmp_path)]
+    assert "cannot be read (Is a directory)" in stage_error(capsys, main, "--data", str(tmp_path), *out)
+    assert "has 0 characters" in stage_error(capsys, main, "--data", "/dev/null", *out)
 
 
 SMALLEST = {"01_bigram": [], "02_single_head": ["--n-embd", "1"], "03_multi_head": ["--n-embd", "1", "--n-head", "1"],
