@@ -400,7 +400,7 @@ def add_flags(parser):
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="autocast precision for training; auto: bfloat16 where the hardware has it")
     parser.add_argument("--tokenizer", default="char",
-                        help="char, or a tiktoken encoding such as gpt2")
+                        help="char, a tiktoken encoding such as gpt2, or a Hugging Face tokenizer")
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shared import UserError, remove_stale_temporary_files, report, temporary_file
 from shared.cli import checked, nonempty, parse_args, run
-from shared.data import TiktokenTokenizer, get_batch, load_dataset, pretrained_model, tokenizer_from_identity
+from shared.data import TiktokenTokenizer, from_hugging_face, get_batch, load_dataset, tokenizer_from_identity
 from shared.device import all_reduce, build_model, check_memory, select_device, setup_distributed
 
 
@@ -61,7 +61,7 @@ PRESETS = {
 }
 
 # Training recipes: `cpu` for the cpu preset, `gpu` (the lecture's) for the others, `finetune`
-# for pretrained GPT-2 weights (--init-from): a small learning rate, so it adapts, not forgets.
+# for pretrained weights (--init-from): a small learning rate, so that it adapts, not forgets.
 RECIPES = {
     "cpu": dict(batch_size=64, max_iters=800, eval_interval=200, eval_iters=10, lr=4e-3,
                 warmup_iters=30, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
@@ -230,7 +230,7 @@ class GPT(nn.Module):
         """GPT-2 with OpenAI's weights, through Hugging Face transformers: a hub name (gpt2,
         gpt2-medium, gpt2-large, gpt2-xl) or a folder written by save_pretrained. The shape comes
         with the weights; block_size, if given, crops the context to its first positions."""
-        hf_model = pretrained_model(name_or_path, "GPT2LMHeadModel")
+        hf_model = from_hugging_face("GPT2LMHeadModel", name_or_path).eval()
         hf = hf_model.config
         if (block_size or 0) > hf.n_positions:
             raise UserError(f"--block-size {block_size} is longer than {name_or_path}'s context of "
@@ -337,7 +337,7 @@ def train_step(model, optimizer, batches, args, step, scaler):
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     return total
 
 
@@ -578,7 +578,7 @@ def add_flags(parser):
                         "gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a save_pretrained folder (needs transformers)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="autocast precision for training; auto: bfloat16 where the hardware has it")
-    parser.add_argument("--tokenizer", help="char, or a tiktoken encoding such as gpt2 "
+    parser.add_argument("--tokenizer", help="char, a tiktoken encoding such as gpt2, or a Hugging Face tokenizer "
                         "(default: char; gpt2 with --init-from)")
     parser.add_argument("--resume", action="store_true", help="go on training from the checkpoint in --out")
     parser.add_argument("--sample", action="store_true", help="only sample, from --out or --init-from")

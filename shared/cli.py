@@ -16,6 +16,7 @@ HELP = {
     "lr": "learning rate",
     "n_embd": "width of the embeddings and of the residual stream",
     "n_head": "attention heads per layer",
+    "n_kv_head": "key/value heads per layer, each serving n_head / n_kv_head query heads",
     "n_layer": "transformer blocks",
     "dropout": "dropout probability while training",
     "warmup_iters": "steps of linear learning-rate warm-up before the cosine decay",
@@ -116,6 +117,10 @@ def parse_args(argv, description, hyperparameters, add_flags=None, has_attention
     args = parser.parse_args([] if argv is None and in_notebook() else argv)
     if "n_head" in hyperparameters and args.n_embd % args.n_head:
         parser.error(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
+    if "n_kv_head" in hyperparameters and args.n_head % args.n_kv_head:
+        parser.error(f"--n-head {args.n_head} must be divisible by --n-kv-head {args.n_kv_head}")
+    if "n_kv_head" in hyperparameters and args.n_embd // args.n_head % 2:  # RoPE turns channels in pairs
+        parser.error(f"--n-embd {args.n_embd} / --n-head {args.n_head} must be even: rotary positions turn pairs")
     if args.out:
         check_out(parser, args.out)
     return args

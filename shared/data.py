@@ -116,36 +116,67 @@ class TiktokenTokenizer:
         return {"kind": "tiktoken", "name": self.name}
 
 
-def pretrained_model(name_or_path, class_name):
-    """A model of Hugging Face transformers (class_name, such as GPT2LMHeadModel) from the hub by
-    name, or from a folder written by save_pretrained, in eval mode; what goes wrong, in one
-    sentence. transformers is an optional extra, imported only here."""
+class HuggingFaceTokenizer:
+    """A pretrained model's own tokenizer, through Hugging Face transformers (AutoTokenizer)."""
+
+    def __init__(self, name_or_path):
+        self.tokenizer = from_hugging_face("AutoTokenizer", name_or_path)
+        self.name = name_or_path
+        self.vocab_size = len(self.tokenizer)  # with the special tokens added to its vocabulary
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the text alone, no BOS token
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids)
+
+    def identity(self):
+        return {"kind": "huggingface", "name": self.name}
+
+
+def from_hugging_face(class_name, name_or_path):
+    """transformers' class_name (a model class, or AutoTokenizer) from the Hugging Face hub by
+    name, or from a folder written by save_pretrained; what goes wrong, in one sentence.
+    transformers is an optional extra, imported only here."""
     try:
         import transformers
         from transformers.utils import logging
     except ImportError:
-        raise UserError("--init-from needs Hugging Face transformers: pip install transformers") from None
+        raise UserError(f"{name_or_path!r} comes from Hugging Face: pip install transformers") from None
     logging.disable_progress_bar()
     try:
-        return getattr(transformers, class_name).from_pretrained(name_or_path).eval()
+        return getattr(transformers, class_name).from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load {name_or_path!r}: it is not a folder written by save_pretrained, "
                         f"and the Hugging Face hub did not provide it ({reason})") from None
 
 
+def make_tokenizer(name, text):
+    """char: one token per character of text; a tiktoken encoding such as gpt2; any other name,
+    a Hugging Face tokenizer, from the hub or a save_pretrained folder."""
+    import tiktoken
+    if name == "char":
+        return CharTokenizer(text)
+    if name in tiktoken.list_encoding_names():
+        return TiktokenTokenizer(name)
+    return HuggingFaceTokenizer(name)
+
+
 def tokenizer_from_identity(identity):
     """Rebuild the tokenizer a checkpoint was trained with."""
     if identity["kind"] == "char":
         return CharTokenizer(identity["chars"])
+    if identity["kind"] == "huggingface":
+        return HuggingFaceTokenizer(identity["name"])
     return TiktokenTokenizer(identity["name"])
 
 
 def load_dataset(path=None, block_size=8, tokenizer="char"):
-    """The text as token ids, split 90/10 into train and val, with its tokenizer: characters,
-    or a tiktoken encoding by name."""
+    """The text as token ids, split 90/10 into train and val, with its tokenizer (named as
+    make_tokenizer takes it)."""
     text = read_text(path)
-    tokenizer = CharTokenizer(text) if tokenizer == "char" else TiktokenTokenizer(tokenizer)
+    tokenizer = make_tokenizer(tokenizer, text)
     data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     n = int(0.9 * len(data))
     train_data, val_data = data[:n], data[n:]

@@ -40,6 +40,7 @@ CONCEPTS = {
     "04_block": "MLP, residual connections, LayerNorm, stacked blocks",
     "05_gpt": "GPT-2: its architecture, training recipe and samplers",
     "06_train_for_real": "checkpoints, exact resume, signals, torchrun, GPT-2's weights",
+    "07_modern": "RoPE, RMSNorm, SwiGLU, GQA, QK-norm, Muon; Llama and Qwen3 weights",
 }
 
 

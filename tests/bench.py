@@ -1,15 +1,26 @@
-"""Stage 05's speed on this machine, in one run: training throughput of plain float32 against the
-default path (--dtype auto), peak memory, generation with and without the KV cache, and the
-validation loss the default run reaches by wall-clock time, next to a float32 run's.
+"""Speed, and what each idea buys, measured on this machine in one run:
+
+  speed       stage 05's training throughput, plain float32 against the default path (--dtype
+              auto), and peak memory
+  generation  stage 05's generation with and without the KV cache
+  dtype       the validation loss stage 05's default run reaches by wall-clock time, next to a
+              float32 run's
+  modern      python 05_gpt.py and python 07_modern.py as a user runs them: validation loss by
+              wall-clock time, each command's time, and each model on the whole validation split
+  ablations   stage 07 with each of its changes taken away in turn, at the training time of its
+              default run
 
 Not a test (pytest does not collect it). Run it on an otherwise idle machine:
 
-    python tests/bench.py          # about 5 minutes on 2 CPU cores
+    python tests/bench.py                   # every part, about 20 minutes on 2 CPU cores
+    python tests/bench.py modern ablations  # some of them
 
 Each measurement runs in a process of its own, so that peak memory is that measurement's.
 """
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import platform
 import resource
@@ -21,13 +32,19 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PARTS = ["speed", "generation", "dtype", "modern", "ablations"]
 
 
 def child(*args):
     """Run this script's --child mode in a fresh process and return what it prints (JSON)."""
     out = subprocess.run([sys.executable, __file__, "--child", *args], cwd=ROOT, capture_output=True,
                          text=True, check=True)
-    return json.loads(out.stdout)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def stage(name):
+    sys.path.insert(0, str(ROOT))
+    return __import__(name)
 
 
 def peak_memory_mb(device):
@@ -44,8 +61,7 @@ def measure_training(dtypes, rounds, steps=10):
     spell of the machine hits them alike; each keeps its best round, since other programs only
     ever slow a round down."""
     import torch
-    sys.path.insert(0, str(ROOT))
-    gpt = __import__("06_train_for_real")  # 05's model and recipe, with its step as a function
+    gpt = stage("06_train_for_real")  # 05's model and recipe, with its step as a function
     from shared.data import get_batch, load_dataset
     from shared.device import select_device
     device = select_device("auto")
@@ -77,8 +93,7 @@ def measure_generation(new_tokens=500, rounds=3):
     """Tokens per second of generate() with the shakespeare preset, with and without the cache:
     the two take turns, and each keeps its best round."""
     import torch
-    sys.path.insert(0, str(ROOT))
-    gpt = __import__("05_gpt")
+    gpt = stage("05_gpt")
     from shared.device import select_device
     device = select_device("auto")
     torch.manual_seed(1337)
@@ -96,64 +111,269 @@ def measure_generation(new_tokens=500, rounds=3):
     return best
 
 
-def default_run(*flags):
-    """05_gpt.py with its defaults (plus flags): its loss history, and the command's wall time."""
-    with tempfile.TemporaryDirectory() as out:
-        start = time.time()
-        subprocess.run([sys.executable, "05_gpt.py", "--max-new-tokens", "0", "--out", out, *flags], cwd=ROOT,
-                       check=True, capture_output=True)
-        wall = time.time() - start
-        return json.loads((Path(out) / "metrics.json").read_text()), wall
+def command(name, *flags):
+    """python NAME.py with its defaults (plus flags), as a user runs it: its metrics, the
+    command's wall time, and the folder it wrote into (under the system's temporary folder)."""
+    out = tempfile.mkdtemp(prefix="bench-")
+    start = time.time()
+    subprocess.run([sys.executable, f"{name}.py", "--out", out, *flags], cwd=ROOT, check=True, capture_output=True)
+    wall = time.time() - start
+    return json.loads((Path(out) / "metrics.json").read_text()), wall, out
+
+
+def full_validation_loss(model, val_data, block_size):
+    """The mean loss over the whole validation split, cut into windows of block_size: no sample
+    of batches, so no luck of the draw. In the default path's precision (bfloat16 where native)."""
+    import torch
+    gpt = stage("06_train_for_real")
+    from shared.device import select_device
+    args = types.SimpleNamespace(dtype=gpt.resolve_dtype("auto", select_device("cpu")))
+    n = (len(val_data) - 1) // block_size
+    x, y = val_data[:n * block_size].view(n, block_size), val_data[1:n * block_size + 1].view(n, block_size)
+    with torch.no_grad(), gpt.autocast(args, torch.device("cpu")):
+        return sum(model.eval()(x[i:i + 256], y[i:i + 256])[1].item() * len(x[i:i + 256])
+                   for i in range(0, n, 256)) / n
+
+
+def checkpoint_loss(name, folder):
+    """full_validation_loss of the model a stage saved in folder."""
+    from shared.data import load_dataset
+    model, _ = stage(name).load_checkpoint(Path(folder) / "ckpt.pt")
+    _, _, val_data = load_dataset(None, model.block_size)
+    return full_validation_loss(model, val_data, model.block_size)
+
+
+# ----------------------------------------------------------------------------- ablations of stage 07
+
+def learned_positions(m):
+    """GPT-2's learned position table added to the token embedding; queries and keys not rotated."""
+    import torch
+    import torch.nn as nn
+
+    class TokensAndPositions(nn.Module):
+        def __init__(self, tokens, block_size):
+            super().__init__()
+            self.tokens, self.positions = tokens, nn.Embedding(block_size, tokens.embedding_dim)
+            nn.init.normal_(self.positions.weight, std=0.02)
+
+        def forward(self, idx):
+            return self.tokens(idx) + self.positions(torch.arange(idx.size(1), device=idx.device))
+
+    init = m.GPT.__init__
+
+    def with_positions(self, config):
+        init(self, config)
+        self.wte = TokensAndPositions(self.wte, config.block_size)
+
+    m.GPT.__init__, m.rotate = with_positions, lambda x, positions, theta: x
+
+
+def layernorm(m):
+    import torch.nn as nn
+    m.nn = types.SimpleNamespace(**{k: getattr(nn, k) for k in dir(nn) if not k.startswith("_")})
+    m.nn.RMSNorm = lambda dim, eps: nn.LayerNorm(dim, eps=eps)
+
+
+def gelu_mlp(m):
+    """GPT-2's MLP: 4x wide, GELU (the exact form, as in stage 05's cpu preset), two matrices."""
+    import torch.nn as nn
+
+    class MLP(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+            self.gelu = nn.GELU()
+            self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+        def forward(self, x):
+            return self.c_proj(self.gelu(self.c_fc(x)))
+
+    m.MLP = MLP
+
+
+def adamw_only(m):
+    m.configure_optimizer = stage("06_train_for_real").configure_optimizer
+
+
+def gpt2_init(m):
+    """GPT-2's scaled normal init of the output projections, instead of zeros."""
+    import math
+
+    import torch.nn as nn
+    init = m.GPT.__init__
+
+    def scaled(self, config):
+        init(self, config)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    m.GPT.__init__ = scaled
+
+
+def cosine_schedule(m):
+    m.learning_rate = stage("06_train_for_real").learning_rate
+
+
+ABLATIONS = {  # name: (how the model or recipe changes, extra flags)
+    "as it is": (None, []),
+    "learned positions instead of RoPE": (learned_positions, []),
+    "LayerNorm instead of RMSNorm": (layernorm, []),
+    "GELU MLP instead of SwiGLU": (gelu_mlp, []),
+    "no GQA: 4 key/value heads": (None, ["--n-kv-head", "4"]),
+    "no QK-norm": (lambda m: setattr(m, "PRESETS", {**m.PRESETS, "cpu": dataclasses.replace(
+        m.PRESETS["cpu"], qk_norm=False)}), []),
+    "head tied to the embedding": (lambda m: setattr(m, "PRESETS", {**m.PRESETS, "cpu": dataclasses.replace(
+        m.PRESETS["cpu"], tie_embeddings=True)}), []),
+    "AdamW instead of Muon": (adamw_only, []),
+    "GPT-2's init of the output projections": (gpt2_init, []),
+    "GPT-2's schedule, cosine to lr/10": (cosine_schedule, []),
+}
+
+
+def ablated(name):
+    """Stage 07 with one change taken away."""
+    m = stage("07_modern")
+    change, flags = ABLATIONS[name]
+    if change:
+        change(m)
+    return m, flags
+
+
+def measure_step_times(names, rounds=6, steps=8):
+    """Milliseconds per training step of each ablation, taking turns a round each (best round)."""
+    import torch
+
+    from shared.data import get_batch, load_dataset
+    tokenizer, train_data, _ = load_dataset(None, 64)
+    steppers = {}
+    for name in names:
+        m, flags = ablated(name)
+        args = m.parse_args([*flags, "--out", tempfile.mkdtemp(prefix="bench-")], "", m.flag_defaults("cpu"),
+                            m.add_flags, has_attention=True)
+        args.dtype, args.world_size = m.resolve_dtype(args.dtype, torch.device("cpu")), 1
+        torch.manual_seed(0)
+        model = m.GPT(dataclasses.replace(m.PRESETS["cpu"], vocab_size=tokenizer.vocab_size,
+                                          n_kv_head=args.n_kv_head))
+        optimizer, scaler = m.configure_optimizer(model, args), torch.amp.GradScaler(enabled=False)
+        steppers[name] = (m, model, optimizer, scaler, args)
+        forget_stages()
+    best = dict.fromkeys(names, float("inf"))
+    for round_ in range(rounds + 1):
+        for name, (m, model, optimizer, scaler, args) in steppers.items():
+            start = time.time()
+            for step in range(steps):
+                batch = get_batch(train_data, args.batch_size, args.block_size, "cpu")
+                m.train_step(model, optimizer, [batch], args, step, scaler)
+            if round_:
+                best[name] = min(best[name], 1000 * (time.time() - start) / steps)
+    return best
+
+
+def forget_stages():
+    """So that the next ablated() imports stage 07 afresh, without the last one's changes."""
+    sys.modules.pop("07_modern", None)
+    sys.modules.pop("06_train_for_real", None)
+
+
+def run_ablation(name, max_iters):
+    """Stage 07 trained with one change taken away for max_iters steps: val loss as the script
+    reports it, and on the whole validation split."""
+    m, flags = ablated(name)
+    out = tempfile.mkdtemp(prefix="bench-")
+    with contextlib.redirect_stdout(io.StringIO()):
+        m.main(["--max-iters", str(max_iters), "--eval-interval", str(max_iters), "--max-new-tokens", "0",
+                "--out", out, *flags])
+    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    return {"val": metrics["val_loss"], "full": checkpoint_loss("07_modern", out)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("parts", nargs="*", choices=PARTS, help="what to measure (default: all of it)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, *dtypes = args.child
-        if kind == "speed":
-            print(json.dumps(measure_training(dtypes, rounds=8)))
-        elif kind == "memory":  # one dtype alone in its process
-            print(json.dumps(measure_training(dtypes, rounds=1)))
-        else:
-            print(json.dumps(measure_generation()))
+        kind, *rest = args.child
+        results = {"speed": lambda: measure_training(rest, rounds=8),
+                   "memory": lambda: measure_training(rest, rounds=1),  # one dtype alone in its process
+                   "generate": measure_generation,
+                   "steptimes": lambda: measure_step_times(rest),
+                   "ablation": lambda: run_ablation(rest[0], int(rest[1])),
+                   "loss": lambda: {"full": checkpoint_loss(*rest)}}
+        print(json.dumps(results[kind]()))
         return
 
     import torch
-    sys.path.insert(0, str(ROOT))
+
     from shared.device import machine
+    parts = args.parts or PARTS
     print(f"machine: {machine('cpu')}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
           f"Python {platform.python_version()}, PyTorch {torch.__version__}\n")
 
-    speed = child("speed", "float32", "auto")
-    fp32, default = speed["float32"], speed["auto"]
-    memory = {dtype: child("memory", dtype)["peak_memory_mb"] for dtype in ("float32", "auto")}
-    print(f"training, preset {speed['preset']} | tokens/s | peak memory")
-    print(f"  float32 eager             | {fp32['tokens_per_second']:9,.0f} | {memory['float32']:,.0f} MB")
-    print(f"  {'default path (' + default['dtype'] + ')':<26}| {default['tokens_per_second']:9,.0f} | "
-          f"{memory['auto']:,.0f} MB")
-    print(f"  ratio                     | {default['tokens_per_second'] / fp32['tokens_per_second']:8.2f}x\n")
+    if "speed" in parts:
+        speed = child("speed", "float32", "auto")
+        fp32, default = speed["float32"], speed["auto"]
+        memory = {dtype: child("memory", dtype)["peak_memory_mb"] for dtype in ("float32", "auto")}
+        print(f"training, preset {speed['preset']} | tokens/s | peak memory")
+        print(f"  float32 eager             | {fp32['tokens_per_second']:9,.0f} | {memory['float32']:,.0f} MB")
+        print(f"  {'default path (' + default['dtype'] + ')':<26}| {default['tokens_per_second']:9,.0f} | "
+              f"{memory['auto']:,.0f} MB")
+        print(f"  ratio                     | {default['tokens_per_second'] / fp32['tokens_per_second']:8.2f}x\n")
 
-    gen = child("generate")
-    print("generation, shakespeare preset, 500 new tokens | tokens/s")
-    print(f"  without KV cache | {gen['uncached']:7,.0f}")
-    print(f"  with KV cache    | {gen['cached']:7,.0f}")
-    print(f"  ratio            | {gen['cached'] / gen['uncached']:6.2f}x\n")
+    if "generation" in parts:
+        gen = child("generate")
+        print("generation, shakespeare preset, 500 new tokens | tokens/s")
+        print(f"  without KV cache | {gen['uncached']:7,.0f}")
+        print(f"  with KV cache    | {gen['cached']:7,.0f}")
+        print(f"  ratio            | {gen['cached'] / gen['uncached']:6.2f}x\n")
 
-    runs = {"default": default_run(), "float32": default_run("--dtype", "float32")}
-    print("python 05_gpt.py: validation loss by step (default path against --dtype float32)")
-    print("   step | default: s   val  | float32: s   val")
-    for a, b in zip(runs["default"][0]["history"], runs["float32"][0]["history"], strict=True):
-        print(f"  {a['step']:5} | {a['seconds']:8.0f} {a['val']:.4f} | {b['seconds']:8.0f} {b['val']:.4f}")
-    print("\nbest validation loss reached by wall-clock time (training seconds)")
-    print("  seconds | default | float32")
-    for limit in (30, 60, 90, 120):
-        best = [min((h["val"] for h in run[0]["history"] if h["seconds"] <= limit), default=float("nan"))
-                for run in runs.values()]
-        print(f"  {limit:7} | {best[0]:7.4f} | {best[1]:7.4f}")
-    print(f"\nwhole command, startup and evaluations included: default {runs['default'][1]:.0f} s, "
-          f"float32 {runs['float32'][1]:.0f} s")
+    if "dtype" in parts:
+        runs = {"default": command("05_gpt", "--max-new-tokens", "0"),
+                "float32": command("05_gpt", "--max-new-tokens", "0", "--dtype", "float32")}
+        print("python 05_gpt.py: validation loss by step (default path against --dtype float32)")
+        print_curves(runs)
+        print(f"\nwhole command, startup and evaluations included: default {runs['default'][1]:.0f} s, "
+              f"float32 {runs['float32'][1]:.0f} s\n")
+
+    if "modern" in parts:
+        runs = {"05_gpt": command("05_gpt"), "07_modern": command("07_modern")}
+        print("python 05_gpt.py and python 07_modern.py, each with its defaults: validation loss by step")
+        print_curves(runs)
+        # stage 06 trains exactly as 05 does, and keeps the model: the one 05 trained, to measure
+        full = {"05_gpt": child("loss", "06_train_for_real", command("06_train_for_real")[2])["full"],
+                "07_modern": child("loss", "07_modern", runs["07_modern"][2])["full"]}
+        for name, (metrics, wall, _) in runs.items():
+            print(f"  {name}: the whole command {wall:.0f} s (training and evaluations "
+                  f"{metrics['history'][-1]['seconds']:.0f} s, then four samples); val loss "
+                  f"{metrics['val_loss']:.4f} as printed, {full[name]:.4f} on the whole validation split")
+        print()
+
+    if "ablations" in parts:
+        names = list(ABLATIONS)
+        ms = child("steptimes", *names)
+        budget = ms["as it is"] * stage("07_modern").RECIPES["cpu"]["max_iters"]
+        print(f"stage 07 with each change taken away, at equal training time ({budget / 1000:.0f} s of steps)")
+        print("  change taken away                       | ms/step | steps | val loss | whole split")
+        for name in names:
+            steps = round(budget / ms[name])
+            result = child("ablation", name, str(steps))
+            print(f"  {name:<40}| {ms[name]:7.1f} | {steps:5} | {result['val']:8.4f} | {result['full']:.4f}",
+                  flush=True)
+
+
+def print_curves(runs):
+    """Each run's validation loss at each evaluation, and the best reached by wall-clock time."""
+    names = list(runs)
+    for name in names:
+        history = runs[name][0]["history"]
+        print(f"  {name}: " + ", ".join(f"step {h['step']} {h['val']:.4f} ({h['seconds']:.0f} s)" for h in history))
+    print("  best validation loss reached by wall-clock time (training seconds)")
+    print("    seconds | " + " | ".join(f"{name:>9}" for name in names))
+    for limit in (10, 20, 30, 40, 60, 90, 120):
+        best = [min((h["val"] for h in runs[name][0]["history"] if h["seconds"] <= limit), default=float("nan"))
+                for name in names]
+        print(f"    {limit:7} | " + " | ".join(f"{b:9.4f}" for b in best))
 
 
 if __name__ == "__main__":

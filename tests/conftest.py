@@ -8,7 +8,7 @@ from shared.data import CharTokenizer, read_text
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["01_bigram", "02_single_head", "03_multi_head", "04_block"]  # built by build_model below
-GPT_STAGES = ["05_gpt", "06_train_for_real"]
+GPT_STAGES = ["05_gpt", "06_train_for_real", "07_modern"]
 ALL_STAGES = STAGES + GPT_STAGES
 # a few steps of any stage; the GPT stages at a small size instead of their cpu preset
 QUICK = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2", "--max-new-tokens", "0", "--seed", "0"]

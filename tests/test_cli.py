@@ -70,7 +70,8 @@ def test_missing_device_is_reported(capsys):
 
 PAIRS = list(itertools.pairwise(ALL_STAGES))
 BUDGETS = {("01_bigram", "02_single_head"): 60, ("02_single_head", "03_multi_head"): 30,
-           ("03_multi_head", "04_block"): 70, ("04_block", "05_gpt"): 350, ("05_gpt", "06_train_for_real"): 400}
+           ("03_multi_head", "04_block"): 70, ("04_block", "05_gpt"): 350, ("05_gpt", "06_train_for_real"): 400,
+           ("06_train_for_real", "07_modern"): 250}
 COMMON = ["estimate_loss", "progress", "check_finite", "train", "generate"]  # the loop of 01-04, whole
 # The definitions each stage takes over from the one before without changing a character.
 UNCHANGED = {
@@ -82,6 +83,11 @@ UNCHANGED = {
                                       "causal_attention_weights", "MLP", "Block", "resolve_dtype", "autocast",
                                       "configure_optimizer", "learning_rate", "check_finite", "greedy",
                                       "top_k_filter", "top_p_filter", "sample_next", "generate"],
+    ("06_train_for_real", "07_modern"): ["estimate_loss", "progress", "check_finite",
+                                         "resolve_dtype", "autocast", "train_step", "StopOnSignal", "train", "STAGE",
+                                         "rng_states", "set_rng_state", "save_checkpoint", "read_checkpoint",
+                                         "model_from_checkpoint", "check_resumable", "load_checkpoint", "greedy",
+                                         "top_k_filter", "top_p_filter", "sample_next", "print_samples"],
 }
 # main's steps, in this order, in every stage
 SKELETON = ["parse_args", "select_device", "load_dataset", "build_model", "train", "save_metrics",

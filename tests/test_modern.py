@@ -1,0 +1,293 @@
+"""Stage 07: rotary positions, RMSNorm, SwiGLU, grouped-query attention, QK-norm, Muon, the sliding
+KV cache, and Llama and Qwen3 weights through transformers against Hugging Face's own outputs,
+all offline: small models with random weights stand in for the real ones."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import load_stage, stage_error
+
+modern = load_stage("07_modern")
+V = 65
+TINY = ["--n-layer", "2", "--n-head", "4", "--n-kv-head", "2", "--n-embd", "32", "--block-size", "16",
+        "--batch-size", "4", "--eval-iters", "2", "--warmup-iters", "2", "--seed", "0", "--max-new-tokens", "0"]
+
+
+def tiny_model(seed=0, **changes):
+    torch.manual_seed(seed)
+    config = modern.GPTConfig(**{**dict(block_size=16, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2,
+                                        n_embd=32), **changes})
+    return modern.GPT(config)
+
+
+def test_the_modern_parts_are_where_they_should_be():
+    model = tiny_model(qk_norm=True, tie_embeddings=False)
+    assert not hasattr(model, "wpe")  # positions come from rotating queries and keys
+    assert all(type(m) is torch.nn.RMSNorm for m in (model.ln_f, model.h[0].ln_1, model.h[1].attn.q_norm))
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.Linear) and m.bias is not None for m in model.modules())  # no biases
+    assert model.h[0].attn.q_proj.weight.shape == (4 * 8, 32) and model.h[0].attn.k_proj.weight.shape == (2 * 8, 32)
+    assert model.h[0].mlp.gate_proj.weight.shape == model.h[0].mlp.up_proj.weight.shape == (128, 32)  # 8/3, up to 64s
+    assert model.lm_head.weight is not model.wte.weight
+    tied = tiny_model()
+    assert tied.lm_head.weight is tied.wte.weight
+
+
+def test_rotary_positions_make_attention_scores_relative():
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(query_position, key_position):
+        return (modern.rotate(q, torch.tensor([query_position]), 10000.0)
+                * modern.rotate(k, torch.tensor([key_position]), 10000.0)).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(105, 102), abs=1e-4)  # three apart, wherever
+    assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)
+    torch.testing.assert_close(modern.rotate(q, torch.tensor([0]), 10000.0), q)  # position 0: no turn
+    assert modern.rotate(q, torch.tensor([7]), 10000.0).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
+
+
+def test_swiglu_is_a_gated_mlp():
+    mlp = tiny_model().h[0].mlp
+    torch.nn.init.normal_(mlp.c_proj.weight)  # zero at init
+    x = torch.randn(2, 3, 32)
+    gate, up = x @ mlp.gate_proj.weight.T, x @ mlp.up_proj.weight.T
+    torch.testing.assert_close(mlp(x), (F.silu(gate) * up) @ mlp.c_proj.weight.T)
+
+
+def test_grouped_query_attention_equals_attention_with_repeated_key_value_heads():
+    torch.manual_seed(0)
+    attention = tiny_model(qk_norm=True).h[0].attn.eval()
+    torch.nn.init.normal_(attention.c_proj.weight)  # zero at init
+    x = torch.randn(2, 10, 32)
+    q, k, v = attention.heads(x)
+    assert q.shape == (2, 4, 10, 8) and k.shape == v.shape == (2, 2, 10, 8)
+    k, v = (t.repeat_interleave(2, dim=1) for t in (k, v))  # query heads 0, 1 share key head 0; 2, 3 head 1
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 10, 32)
+    expected = attention.c_proj(y)
+    torch.testing.assert_close(attention(x), expected, atol=1e-6, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the explicit bfloat16 path, same attention
+        fast = attention(x)
+    torch.testing.assert_close(fast.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_changing_a_later_token_leaves_earlier_logits_unchanged():
+    model = tiny_model().eval()
+    idx = torch.randint(V, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % V
+    assert torch.equal(model(idx)[0][:, :9], model(changed)[0][:, :9])
+    assert not torch.allclose(model(idx)[0][:, 9:], model(changed)[0][:, 9:])
+
+
+@pytest.mark.parametrize("max_new_tokens", [10, 50])  # inside the 16-token window, and far past it
+def test_the_sliding_kv_cache_equals_recomputation(max_new_tokens):
+    model = tiny_model(dropout=0.1, qk_norm=True).train()
+    idx = torch.randint(V, (3, 5))
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(3)
+        outs.append(modern.generate(model, idx, max_new_tokens, use_cache=use_cache))
+    assert outs[0].shape == (3, 5 + max_new_tokens) and torch.equal(outs[0], outs[1])
+    assert model.training
+
+
+def test_the_cache_keeps_only_the_window_and_never_recomputes():
+    model = tiny_model().eval()
+    cache, calls = modern.KVCache(model.block_size), []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].size(1)))
+    idx = torch.randint(V, (1, 40))
+    logits, _ = model(idx[:, :30], cache=cache)  # a prompt longer than the window
+    for t in range(30, 40):
+        logits, _ = model(idx[:, t:t + 1], cache=cache)
+    assert calls == [30] + [1] * 10 and len(cache) == 40
+    assert all(k.size(2) == model.block_size - 1 for k in cache.keys.values())
+    full, _ = model(idx)  # every position in its own window of 16
+    torch.testing.assert_close(logits[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = tiny_model(tie_embeddings=False)
+    for block in model.h:  # zero at init, which would leave the matrices before them without a gradient
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.02)
+        torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.02)
+    optimizer = modern.configure_optimizer(model, type("Args", (), dict(lr=1e-3, weight_decay=0.1)))
+    muon, adamw = optimizer.optimizers
+    in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in in_muon) == (name.startswith("h.") and p.dim() == 2), name
+    assert {g["weight_decay"] for g in adamw.param_groups} == {0.1, 0.0}
+    x = torch.randint(V, (2, 16))
+    model(x, x)[1].backward()
+    before = [p.clone() for p in model.parameters()]
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    state = optimizer.state_dict()
+    again = modern.configure_optimizer(model, type("Args", (), dict(lr=1e-3, weight_decay=0.1)))
+    again.load_state_dict(state)
+    assert str(again.state_dict()) == str(state)
+
+
+@pytest.mark.parametrize("config,count", [
+    (dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, hidden_dim=1536), 134_515_008),
+    (dict(vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024, head_dim=128, hidden_dim=3072,
+          qk_norm=True), 596_049_920),
+], ids=["SmolLM2-135M", "Qwen3-0.6B"])
+def test_parameter_counts_of_real_models_on_the_meta_device(config, count):
+    with torch.device("meta"):
+        model = modern.GPT(modern.GPTConfig(**config))
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_resume_after_ctrl_c_gives_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    flags = [*TINY, "--max-iters", "12", "--eval-interval", "4"]
+    modern.main([*flags, "--out", str(tmp_path / "whole")])
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"]
+    train_step = modern.train_step
+
+    def step_with_ctrl_c(model, optimizer, batches, args, step, *rest):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(model, optimizer, batches, args, step, *rest)
+
+    monkeypatch.setattr(modern, "train_step", step_with_ctrl_c)
+    modern.main([*flags, "--out", str(tmp_path / "parts")])
+    monkeypatch.undo()
+    modern.main([*flags, "--resume", "--out", str(tmp_path / "parts")])
+    resumed = json.loads((tmp_path / "parts" / "metrics.json").read_text())["history"]
+    assert "stopped at step 7" in capsys.readouterr().out
+    assert [(h["step"], h["train"], h["val"]) for h in resumed] == [(h["step"], h["train"], h["val"]) for h in whole]
+
+
+def test_heads_must_share_key_value_heads_evenly(capsys):
+    assert "--n-head 4 must be divisible by --n-kv-head 3" in stage_error(capsys, modern.main, "--n-kv-head", "3")
+
+
+def test_heads_must_have_an_even_width_to_rotate(capsys):
+    assert "must be even" in stage_error(capsys, modern.main, "--n-embd", "12", "--n-head", "4")
+
+
+# ----------------------------------------------------------------------------- Llama and Qwen3 weights
+
+transformers = pytest.importorskip("transformers")
+
+
+def tokenizer_for_tests(text):
+    """A byte-level BPE of 300 tokens trained here on the text, as Hugging Face tokenizers save them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+
+
+MODELS = {  # every weight random, so a missed transpose, norm or head would show
+    "llama GQA, tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=320, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "llama untied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)),
+    "qwen3 QK-norm, head_dim 16 in a width of 32": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False)),
+    "qwen3 tied": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=64, tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def hf_folder(request, tmp_path_factory, shakespeare):
+    torch.manual_seed(0)
+    model = MODELS[request.param]().eval()
+    model.generation_config.eos_token_id = None  # Hugging Face's generate would stop at one; ours runs on
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # norm gains away from 1
+    folder = tmp_path_factory.mktemp("hf") / request.param.split()[0]
+    model.save_pretrained(folder)
+    tokenizer_for_tests(shakespeare[:50_000]).save_pretrained(folder)
+    return folder, model
+
+
+def test_loaded_weights_give_hugging_faces_logits_and_greedy_tokens(hf_folder):
+    folder, hf_model = hf_folder
+    model = modern.GPT.from_pretrained(folder).eval()
+    assert model.config.n_kv_head == hf_model.config.num_key_value_heads
+    assert (model.lm_head.weight is model.wte.weight) == hf_model.config.tie_word_embeddings
+    idx = torch.randint(320, (3, 40))
+    with torch.no_grad():
+        assert (model(idx)[0] - hf_model(idx).logits).abs().max().item() <= 1e-4
+    prompt = torch.randint(320, (2, 6))
+    theirs = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                               pad_token_id=0)
+    assert torch.equal(modern.generate(model, prompt, 20, temperature=0), theirs)
+
+
+@pytest.mark.parametrize("hf_folder", ["llama GQA, tied", "qwen3 QK-norm, head_dim 16 in a width of 32"], indirect=True)
+def test_fine_tune_a_loaded_model_with_its_own_tokenizer_then_sample(hf_folder, tmp_path, capsys):
+    folder, _ = hf_folder
+    modern.main(["--init-from", str(folder), "--block-size", "16", "--batch-size", "4", "--max-iters", "6",
+                 "--eval-interval", "6", "--eval-iters", "2", "--lr", "1e-3", "--max-new-tokens", "5",
+                 "--out", str(tmp_path)])
+    losses = [float(line.split("val loss ")[1].split(",")[0]) for line in capsys.readouterr().out.splitlines()
+              if "val loss" in line]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert checkpoint["tokenizer"] == {"kind": "huggingface", "name": str(folder)}
+    modern.main(["--sample", "--out", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "5"])
+    assert "ROMEO:" in capsys.readouterr().out
+    modern.main(["--init-from", str(folder), "--sample", "--prompt", "Hello", "--max-new-tokens", "5",
+                 "--out", str(tmp_path)])
+    assert "Hello" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}), "llama3 RoPE"),
+    (dict(attention_bias=True), "no biases"),
+])
+def test_other_llama_variants_are_refused_in_one_sentence(capsys, tmp_path, change, message):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, **change)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    assert message in stage_error(capsys, modern.main, "--init-from", str(tmp_path / "model"), "--sample",
+                                  "--out", str(tmp_path))
+
+
+def test_sliding_windows_and_mixtures_of_experts_are_refused(capsys, tmp_path):
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=8)).save_pretrained(tmp_path / "sliding")
+    transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+    )).save_pretrained(tmp_path / "moe")
+    for name, kind in [("sliding", "qwen3"), ("moe", "qwen3_moe")]:
+        message = stage_error(capsys, modern.main, "--init-from", str(tmp_path / name), "--sample",
+                              "--out", str(tmp_path))
+        assert f"is a {kind} model" in message and "loads Llama and Qwen3 models" in message
+
+
+def test_a_model_needs_its_own_tokenizer(capsys, hf_folder, tmp_path):
+    assert "its own tokenizer" in stage_error(capsys, modern.main, "--init-from", str(hf_folder[0]),
+                                              "--tokenizer", "char", "--out", str(tmp_path))
+
+
+@pytest.mark.parametrize("hf_folder", ["llama GQA, tied"], indirect=True)
+def test_the_context_can_be_shortened_but_not_lengthened(capsys, hf_folder, tmp_path):
+    folder, hf_model = hf_folder
+    model = modern.GPT.from_pretrained(folder, block_size=16).eval()
+    assert model.block_size == 16 and model.config.vocab_size == 320
+    idx = torch.randint(320, (2, 16))
+    with torch.no_grad():  # no position table to crop: the same logits within the context
+        assert (model(idx)[0] - hf_model(idx).logits).abs().max().item() <= 1e-4
+    assert "longer than" in stage_error(capsys, modern.main, "--init-from", str(folder), "--block-size", "128",
+                                        "--out", str(tmp_path))
