@@ -19,7 +19,7 @@ HELP = {
     "n_kv_head": "key/value heads per layer, each serving n_head / n_kv_head query heads",
     "n_layer": "transformer blocks",
     "dropout": "dropout probability while training",
-    "warmup_iters": "steps of linear learning-rate warm-up before the cosine decay",
+    "warmup_iters": "steps of linear learning-rate warm-up before it decays",
     "weight_decay": "weight decay, applied to weight matrices only",
     "grad_clip": "clip the gradient norm to this",
     "grad_accum_steps": "batches whose gradients are summed per optimizer step",
@@ -30,6 +30,11 @@ NONNEGATIVE = {"seed", "max_new_tokens", "temperature", "warmup_iters", "weight_
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and status 2, without argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" after a flag that has no default
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def checked(name, kind):
@@ -96,7 +101,7 @@ def parse_args(argv, description, hyperparameters, add_flags=None, has_attention
     add_flags(parser) adds. Bad values stop the program with one sentence and status 2. In a
     notebook the defaults, that is the hyperparameters cell, are the settings."""
     parser = Parser(description=description, allow_abbrev=False,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=HelpFormatter)
     for name, default in hyperparameters.items():
         parser.add_argument("--" + name.replace("_", "-"), type=checked(name, type(default)),
                             default=default, help=HELP.get(name, name), metavar=type(default).__name__.upper())
@@ -105,7 +110,7 @@ def parse_args(argv, description, hyperparameters, add_flags=None, has_attention
     parser.add_argument("--seed", type=checked("seed", int), default=1337, help="random seed")
     parser.add_argument("--data", metavar="FILE", help="train on this UTF-8 text file instead of Tiny Shakespeare")
     parser.add_argument("--max-new-tokens", type=checked("max_new_tokens", int), default=500,
-                        help="length of the sample printed at the end")
+                        metavar="INT", help="length of the sample printed at the end")
     parser.add_argument("--out", type=nonempty("a folder"), metavar="DIR",
                         help="write the run's metrics.json and loss.png into this folder")
     if has_attention:

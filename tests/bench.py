@@ -5,8 +5,9 @@
   generation  stage 05's generation with and without the KV cache
   dtype       the validation loss stage 05's default run reaches by wall-clock time, next to a
               float32 run's
-  modern      python 05_gpt.py and python 07_modern.py as a user runs them: validation loss by
-              wall-clock time, each command's time, and each model on the whole validation split
+  modern      python 05_gpt.py and python 07_modern.py as a user runs them: each command's time,
+              its printed loss and its model's loss on the whole validation split; then the
+              same runs evaluated often, for their validation loss by wall-clock time
   ablations   stage 07 with each of its changes taken away in turn, at the training time of its
               default run
 
@@ -32,6 +33,7 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the stages and shared/
 PARTS = ["speed", "generation", "dtype", "modern", "ablations"]
 
 
@@ -43,7 +45,6 @@ def child(*args):
 
 
 def stage(name):
-    sys.path.insert(0, str(ROOT))
     return __import__(name)
 
 
@@ -290,9 +291,11 @@ def run_ablation(name, max_iters):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="*", choices=PARTS, help="what to measure (default: all of it)")
+    parser.add_argument("parts", nargs="*", help=f"what to measure: some of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if set(args.parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(set(args.parts) - set(PARTS))}; choose from {PARTS}")
     if args.child:
         kind, *rest = args.child
         results = {"speed": lambda: measure_training(rest, rounds=8),
@@ -338,15 +341,18 @@ def main():
 
     if "modern" in parts:
         runs = {"05_gpt": command("05_gpt"), "07_modern": command("07_modern")}
-        print("python 05_gpt.py and python 07_modern.py, each with its defaults: validation loss by step")
-        print_curves(runs)
-        # stage 06 trains exactly as 05 does, and keeps the model: the one 05 trained, to measure
         full = {"05_gpt": child("loss", "06_train_for_real", command("06_train_for_real")[2])["full"],
-                "07_modern": child("loss", "07_modern", runs["07_modern"][2])["full"]}
+                "07_modern": child("loss", "07_modern", runs["07_modern"][2])["full"]}  # 06 trains as 05 does
+        print("python 05_gpt.py and python 07_modern.py, each with its defaults")
         for name, (metrics, wall, _) in runs.items():
             print(f"  {name}: the whole command {wall:.0f} s (training and evaluations "
                   f"{metrics['history'][-1]['seconds']:.0f} s, then four samples); val loss "
                   f"{metrics['val_loss']:.4f} as printed, {full[name]:.4f} on the whole validation split")
+        # the same runs evaluated often, alike (20 batches every 50 steps), to draw the curves
+        curves = {name: command(name, "--eval-interval", "50", "--eval-iters", "20", "--max-new-tokens", "0")
+                  for name in runs}
+        print("\nthe same runs, evaluated every 50 steps on 20 batches: validation loss by wall-clock time")
+        print_curves(curves)
         print()
 
     if "ablations" in parts:
@@ -368,9 +374,10 @@ def print_curves(runs):
     for name in names:
         history = runs[name][0]["history"]
         print(f"  {name}: " + ", ".join(f"step {h['step']} {h['val']:.4f} ({h['seconds']:.0f} s)" for h in history))
-    print("  best validation loss reached by wall-clock time (training seconds)")
+    print("  best validation loss reached by wall-clock time (seconds since training began)")
     print("    seconds | " + " | ".join(f"{name:>9}" for name in names))
-    for limit in (10, 20, 30, 40, 60, 90, 120):
+    longest = max(runs[name][0]["history"][-1]["seconds"] for name in names)
+    for limit in range(10, int(longest) + 10, 5 if longest < 60 else 10):
         best = [min((h["val"] for h in runs[name][0]["history"] if h["seconds"] <= limit), default=float("nan"))
                 for name in names]
         print(f"    {limit:7} | " + " | ".join(f"{b:9.4f}" for b in best))
