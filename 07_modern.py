@@ -6,8 +6,8 @@ attention; QK-norm (Qwen3); no biases; an untied head; a head_dim of its own; Mu
 updates of the block matrices orthogonal (why: configure_optimizer); --init-from Llama or Qwen3.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
-Expect: val loss 1.57 after 460 steps of the cpu preset (1.56 on the whole val split), in 32 s of
-training where stage 05 took 33 s to reach 1.73; checkpoint in runs/07_modern/. A real model:
+Expect: val loss 1.57 after 420 steps of the cpu preset (1.56 on the whole val split), in 31 s of
+training where stage 05 took 34 s to reach 1.73; checkpoint in runs/07_modern/. A real model:
         python 07_modern.py --init-from HuggingFaceTB/SmolLM2-135M --sample --prompt "ROMEO:" --top-p 0.9
 """
 import gc
@@ -63,7 +63,7 @@ PRESETS = {
 # Training recipes: `cpu` for the cpu preset, `gpu` (the lecture's) for the others, `finetune`
 # for pretrained weights (--init-from): a small learning rate, so that it adapts, not forgets.
 RECIPES = {
-    "cpu": dict(batch_size=64, max_iters=460, eval_interval=230, eval_iters=20, lr=8e-3,
+    "cpu": dict(batch_size=64, max_iters=420, eval_interval=210, eval_iters=20, lr=8e-3,
                 warmup_iters=30, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
     "gpu": dict(batch_size=64, max_iters=5000, eval_interval=250, eval_iters=200, lr=1e-3,
                 warmup_iters=100, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
