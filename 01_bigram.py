@@ -5,7 +5,7 @@ estimates, sampling). The model is one table: row i holds the scores (logits) fo
 after token i. With one character of context it learns which letters follow which, no more.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
-Expect: val loss 2.49 after 3000 steps (2.48 is the best any bigram can do), in 6 s.
+Expect: val loss 2.49 after 3000 steps (2.48 is the best any bigram can do), in 5 s.
 """
 import math
 import time

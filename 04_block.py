@@ -6,7 +6,7 @@ LayerNorm, which keep a deep stack trainable; dropout (off by default: in this s
 0.1 ended at val loss 1.92, not 1.85; it helps once a model can overfit); a final LayerNorm.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
-Expect: val loss 1.85 after 3000 steps (no blocks: 2.23), in 60 s; a sample with names and verse.
+Expect: val loss 1.85 after 3000 steps (no blocks: 2.23), in 40 s; a sample with names and verse.
 """
 import math
 import time

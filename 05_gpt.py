@@ -9,7 +9,7 @@ tokens (--tokenizer gpt2), compared in bits per character; four samplers (greedy
 top-k, top-p) and a KV cache.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
-Expect: val loss 1.73 (2.50 bits/char) after 800 steps of the cpu preset, in 78 s on a 2-core CPU
+Expect: val loss 1.73 (2.50 bits/char) after 800 steps of the cpu preset, in 42 s on a 2-core CPU
 with native bfloat16; then a sample from each sampler (greedy decoding soon repeats itself).
 """
 import math

@@ -125,7 +125,8 @@ def parse_args(argv, description, hyperparameters, add_flags=None, has_attention
     if "n_kv_head" in hyperparameters and args.n_head % args.n_kv_head:
         parser.error(f"--n-head {args.n_head} must be divisible by --n-kv-head {args.n_kv_head}")
     if "n_kv_head" in hyperparameters and args.n_embd // args.n_head % 2:  # RoPE turns channels in pairs
-        parser.error(f"--n-embd {args.n_embd} / --n-head {args.n_head} must be even: rotary positions turn pairs")
+        parser.error(f"--n-embd {args.n_embd} / --n-head {args.n_head} gives heads of {args.n_embd // args.n_head} "
+                     "channels, an odd number: rotary positions turn channels in pairs")
     if args.out:
         check_out(parser, args.out)
     return args

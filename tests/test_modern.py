@@ -167,7 +167,7 @@ def test_heads_must_share_key_value_heads_evenly(capsys):
 
 
 def test_heads_must_have_an_even_width_to_rotate(capsys):
-    assert "must be even" in stage_error(capsys, modern.main, "--n-embd", "12", "--n-head", "4")
+    assert "heads of 3 channels, an odd number" in stage_error(capsys, modern.main, "--n-embd", "12", "--n-head", "4")
 
 
 # ----------------------------------------------------------------------------- Llama and Qwen3 weights
