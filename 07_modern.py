@@ -740,13 +740,14 @@ def main(argv=None):
             "val_loss": history[-1]["val"], "val_bpc": history[-1]["val_bpc"]})
         print(f"metrics written to {path}")
     if stopped_by == signal.SIGTERM:
-        sys.exit(128 + signal.SIGTERM)  # the job is being stopped: no samples, and the shell's status
+        return stopped_by  # the job is being stopped: no samples; run() exits with status 143
     if args.plot_attention:
         report.plot_attention(model, tokenizer, val_data[:32], args.out or ".")  # the val text's first tokens
 
     print_samples(model, tokenizer, prompt, args, device, {
         "greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
         "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)})
+    return stopped_by  # a run Ctrl-C cut short exits with status 130, after its samples
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import argparse
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -143,11 +144,20 @@ def out_of_memory(err):
 
 def run(main):
     """Call main(); a UserError becomes one line on stderr and exit status 2, so does running out
-    of memory, and Ctrl-C exit status 130. In a notebook the line is printed and the kernel lives on."""
+    of memory. A run that Ctrl-C cut short ends with status 130 once it has done what it does on
+    the way out (save, sample), as does one main() says a signal stopped (128 + that signal's
+    number: 143 for SIGTERM). In a notebook the line is printed and the kernel lives on."""
     prog = "" if in_notebook() else f"{Path(sys.argv[0]).name}: "
+    interrupted = []
+
+    def on_ctrl_c(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        main()
-        return
+        stopped_by = main()
+        status = 128 + stopped_by if stopped_by else 130 if interrupted else 0
     except UserError as err:
         print(f"{prog}error: {err}", file=sys.stderr)
         status = 2
@@ -160,5 +170,7 @@ def run(main):
         print(f"{prog}error: ran out of memory ({str(err).splitlines()[0][:120]}); lower --batch-size "
               "or --block-size, or the model's size", file=sys.stderr)
         status = 2
-    if not in_notebook():
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if status and not in_notebook():
         sys.exit(status)

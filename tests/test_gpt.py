@@ -3,15 +3,13 @@ import itertools
 import json
 import math
 import re
-import subprocess
-import sys
 import types
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import ROOT, load_stage
+from conftest import load_stage
 
 gpt = load_stage("05_gpt")
 V = 65
@@ -260,10 +258,9 @@ def test_loss_drops_with_both_tokenizers(tokenizer, tmp_path):
         assert 2.5 < history[-1]["val"] / math.log(2) / history[-1]["val_bpc"] < 4.5
 
 
-def test_command_line_trains_and_samples_four_ways():
-    result = subprocess.run([sys.executable, "05_gpt.py", *TINY, "--max-iters", "6", "--eval-interval", "3",
-                             "--max-new-tokens", "20"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"^step 6: train loss \d\.\d{4}, val loss \d\.\d{4}, val \d\.\d{3} bits/char", result.stdout, re.M)
-    labels = re.findall(r"^-{30} (.+?) -+$", result.stdout, re.M)
+def test_training_ends_with_a_sample_from_each_sampler(capsys):
+    gpt.main([*TINY, "--max-iters", "6", "--eval-interval", "3", "--max-new-tokens", "20"])
+    out = capsys.readouterr().out
+    assert re.search(r"^step 6: train loss \d\.\d{4}, val loss \d\.\d{4}, val \d\.\d{3} bits/char", out, re.M)
+    labels = re.findall(r"^-{30} (.+?) -+$", out, re.M)
     assert labels == ["greedy", "temperature 0.8", "top-k 40", "top-p 0.9"]

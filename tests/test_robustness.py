@@ -9,7 +9,9 @@ import time
 import pytest
 import torch
 
-from conftest import ALL_STAGES, GPT_STAGES, ROOT, load_stage, quick_flags, stage_error
+from conftest import ALL_STAGES, GPT_STAGES, ROOT, STAGES, load_stage, quick_flags, stage_error
+from shared.cli import run
+from shared.data import get_batch
 
 
 @pytest.mark.parametrize("name", GPT_STAGES)
@@ -134,11 +136,6 @@ def checkpoint_folder(tmp_path_factory):
     return out
 
 
-def sample(folder, *flags):
-    return subprocess.run([sys.executable, "06_train_for_real.py", "--sample", "--out", str(folder), *flags],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize("flags,check", [
     (["--prompt", " "], lambda out: out.count(" sample ") == 1),  # whitespace is text like any other
     (["--prompt", "ROMEO: " * 20], lambda out: "ROMEO: " * 20 in out),  # 140 characters, a 16-token context
@@ -150,10 +147,11 @@ def sample(folder, *flags):
     (["--num-samples", "9", "--batch-size", "4"], lambda out: out.count(" sample ") == 9),  # in 3 batches
 ], ids=["whitespace", "longer than the context", "no new tokens", "cold", "hot", "tiny top-p", "huge top-k",
         "more samples than a batch"])
-def test_sampling_at_the_edges_works(checkpoint_folder, flags, check):
-    result = sample(checkpoint_folder, "--max-new-tokens", "20", *flags)
-    assert result.returncode == 0, result.stderr
-    assert check(result.stdout), result.stdout
+def test_sampling_at_the_edges_works(capsys, checkpoint_folder, flags, check):
+    load_stage("06_train_for_real").main(["--sample", "--out", str(checkpoint_folder), "--max-new-tokens", "20",
+                                          *flags])
+    out = capsys.readouterr().out
+    assert check(out), out
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -164,6 +162,24 @@ def test_sampling_at_the_edges_works(checkpoint_folder, flags, check):
 def test_prompts_the_model_cannot_start_from(capsys, checkpoint_folder, flags, message):
     assert message in stage_error(capsys, load_stage("06_train_for_real").main, "--sample",
                                   "--out", str(checkpoint_folder), *flags)
+
+
+@pytest.mark.parametrize("name", STAGES + ["05_gpt"])
+def test_ctrl_c_stops_training_then_the_run_samples_and_exits_with_status_130(capsys, monkeypatch, name):
+    stage, calls = load_stage(name), []
+
+    def get_batch_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 20:  # the training loop is under way
+            os.kill(os.getpid(), signal.SIGINT)
+        return get_batch(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "get_batch", get_batch_then_ctrl_c)
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: stage.main([*quick_flags(name), "--max-iters", "1000", "--max-new-tokens", "20"]))
+    out = capsys.readouterr().out
+    assert exit_.value.code == 130 and "interrupted at step" in out and "step 1000:" not in out
+    assert len(out.rstrip().rsplit("-" * 20, 1)[-1].strip()) > 0  # and it still printed a sample
 
 
 def test_ctrl_c_stops_training_then_a_second_one_stops_sampling(tmp_path):

@@ -40,12 +40,13 @@ def trained(tmp_path_factory):
     return out
 
 
-def test_same_flags_same_losses_as_stage_05(tmp_path):
+def test_same_flags_same_losses_as_stage_05(tmp_path, capsys):
     """All of 06 is engineering: with 05's flags it trains exactly as 05 does."""
     flags = [*TINY, "--dropout", "0.1", "--max-iters", "20", "--eval-interval", "10"]
-    plain, engineered = run_stage(*flags, name="05_gpt.py"), run_stage(*flags, "--out", str(tmp_path))
-    assert plain.returncode == 0 and engineered.returncode == 0, plain.stderr + engineered.stderr
-    assert len(losses(plain.stdout)) == 3 and losses(plain.stdout) == losses(engineered.stdout)
+    load_stage("05_gpt").main(flags)
+    plain = capsys.readouterr().out
+    gpt.main([*flags, "--out", str(tmp_path)])
+    assert len(losses(plain)) == 3 and losses(plain) == losses(capsys.readouterr().out)
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
@@ -232,7 +233,7 @@ def test_a_signal_writes_a_checkpoint_that_resumes(tmp_path, signum):
             break
     process.send_signal(signum)
     out, err = process.communicate(timeout=60)
-    assert process.returncode == (0 if signum == signal.SIGINT else 128 + signal.SIGTERM), err
+    assert process.returncode == 128 + signum, err  # 130 after Ctrl-C and its samples, 143 at once
     stopped = [line for line in out.splitlines() if line.startswith("stopped at step")]
     assert len(stopped) == 1 and "--resume" in stopped[0] and "Traceback" not in err
     step = int(stopped[0].split()[3].rstrip(";"))
