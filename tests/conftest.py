@@ -2,6 +2,7 @@ import importlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from shared.cli import run
 from shared.data import CharTokenizer, read_text
@@ -45,7 +46,10 @@ def build_model(stage, vocab_size, block_size=16, n_embd=24, n_head=3, n_layer=2
         return stage.GPT(vocab_size, block_size, n_embd)
     if name == "03_multi_head":
         return stage.GPT(vocab_size, block_size, n_embd, n_head)
-    return stage.GPT(vocab_size, block_size, n_embd, n_head, n_layer, dropout)
+    if name == "04_block":
+        return stage.GPT(vocab_size, block_size, n_embd, n_head, n_layer, dropout)
+    return stage.GPT(stage.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                                     n_embd=n_embd, dropout=dropout))  # the GPT stages take a config
 
 
 def attention_heads(stage, model):
@@ -67,3 +71,20 @@ def tokenizer(shakespeare):
 @pytest.fixture(params=STAGES)
 def stage(request):
     return load_stage(request.param)
+
+
+def fine_tune_then_sample(stage, folder, out, capsys, steps):
+    """--init-from a save_pretrained folder: a few steps of fine-tuning, in which the val loss must
+    fall, then samples from the checkpoint and from the folder itself. Returns the checkpoint."""
+    stage.main(["--init-from", str(folder), "--block-size", "16", "--batch-size", "4", "--max-iters", str(steps),
+                "--eval-interval", str(steps), "--eval-iters", "2", "--lr", "1e-3", "--max-new-tokens", "5",
+                "--out", str(out)])
+    losses = [float(line.split("val loss ")[1].split(",")[0]) for line in capsys.readouterr().out.splitlines()
+              if "val loss" in line]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    stage.main(["--sample", "--out", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "5"])
+    assert "ROMEO:" in capsys.readouterr().out
+    stage.main(["--init-from", str(folder), "--sample", "--prompt", "Hello", "--max-new-tokens", "5",
+                "--out", str(out)])
+    assert "Hello" in capsys.readouterr().out
+    return torch.load(Path(out) / "ckpt.pt", weights_only=True)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, load_stage, stage_error
+from conftest import ROOT, fine_tune_then_sample, load_stage, stage_error
 
 transformers = pytest.importorskip("transformers")
 gpt = load_stage("06_train_for_real")
@@ -59,20 +59,8 @@ def test_cropping_the_context_keeps_the_first_positions(hf_model_folder):
 
 
 def test_fine_tune_from_loaded_weights_then_sample(hf_model_folder, tmp_path, capsys):
-    folder, _ = hf_model_folder
-    gpt.main(["--init-from", str(folder), "--block-size", "16", "--batch-size", "4", "--max-iters", "10",
-              "--eval-interval", "10", "--eval-iters", "2", "--lr", "1e-3", "--max-new-tokens", "5",
-              "--out", str(tmp_path)])
-    losses = [float(line.split("val loss ")[1].split(",")[0]) for line in capsys.readouterr().out.splitlines()
-              if "val loss" in line]
-    assert len(losses) == 2 and losses[1] < losses[0]
-    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    checkpoint = fine_tune_then_sample(gpt, hf_model_folder[0], tmp_path, capsys, steps=10)
     assert checkpoint["config"]["block_size"] == 16 and checkpoint["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"}
-    gpt.main(["--sample", "--out", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "5"])
-    assert "ROMEO:" in capsys.readouterr().out
-    gpt.main(["--init-from", str(folder), "--sample", "--prompt", "Hello", "--max-new-tokens", "5",
-              "--out", str(tmp_path)])
-    assert "Hello" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import STAGES, attention_heads, build_model, load_stage
+from conftest import GPT_STAGES, STAGES, attention_heads, build_model, load_stage
 from shared.cli import parse_args
 from shared.data import load_dataset
 
@@ -80,7 +80,7 @@ def test_same_seed_same_losses(stage):
     assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("name", STAGES[1:])
+@pytest.mark.parametrize("name", STAGES[1:] + GPT_STAGES)
 def test_changing_a_later_token_leaves_earlier_logits_unchanged(name):
     stage = load_stage(name)
     torch.manual_seed(0)
