@@ -415,7 +415,7 @@ def main(argv=None):
                                             block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                                             n_embd=args.n_embd, dropout=args.dropout)), args, device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params:,} parameters (every weight and bias, the tied wte/lm_head once), "
+    print(f"{n_params:,} parameters (every weight and bias; a tied wte/lm_head once), "
           f"{tokenizer.vocab_size} tokens, on {device} in {args.dtype}; preset {preset}")
     chars_per_token = len(tokenizer.decode(val_data.tolist())) / len(val_data)  # 1 for characters
 

@@ -652,7 +652,7 @@ def main(argv=None):
         set_rng_state(checkpoint["rng_states"], rank, world_size)
         print(f"resuming from step {step} of {checkpoint_path}")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params:,} parameters (every weight and bias, the tied wte/lm_head once), "
+    print(f"{n_params:,} parameters (every weight and bias; a tied wte/lm_head once), "
           f"{tokenizer.vocab_size} tokens, on {device} in {args.dtype}; "
           f"{'weights ' + args.init_from if args.init_from else 'preset ' + preset}")
     print(f"{args.batch_size} x {args.block_size} tokens x {args.grad_accum_steps} accumulation x {world_size} "
