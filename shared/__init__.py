@@ -6,6 +6,7 @@ purpose so that each one reads on its own and diffs cleanly against the one befo
 """
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -13,12 +14,30 @@ class UserError(Exception):
     """A problem with the user's input or machine, told as one sentence instead of a traceback."""
 
 
-def temporary_file(path):
-    """A new file to write path's content into before renaming it to path: (descriptor, name).
-    It lies beside path, so the rename is atomic, and its name carries the writer's process id
-    (ckpt.pt.<pid>.<random>.tmp), so a later run can tell a leftover of a killed writer."""
+@contextmanager
+def atomic_write(path, mode="wb"):
+    """A file to write path's new content into: a temporary file beside path that, once the block
+    ends without an error, is flushed to the disk and renamed to path in one step. A reader, or a
+    crash, sees the old file or the new one, never half of one; on an error the old one stays.
+    The temporary file's name carries the writer's process id (ckpt.pt.<pid>.<random>.tmp), so
+    that a later run can tell the leftover of a killed writer."""
     path = Path(path)
-    return tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporary_files(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        # mkstemp makes the file its owner's alone; give it the permissions of any new file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def remove_stale_temporary_files(path):

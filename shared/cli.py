@@ -1,4 +1,5 @@
-"""The command line every stage shares: its flags, their checks, and one sentence for every error."""
+"""The command line every stage shares: its flags, their checks, and one sentence
+for every error."""
 import argparse
 import math
 import os
@@ -35,7 +36,8 @@ class Parser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: None)" after a flag that has no default
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+        return (action.help if action.default is None or action.default is False
+                else super()._get_help_string(action))
 
 
 def checked(name, kind):
@@ -44,8 +46,8 @@ def checked(name, kind):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
         if name == "dropout":
@@ -53,7 +55,8 @@ def checked(name, kind):
         elif name == "top_p":
             ok, rule = 0 < value <= 1, "above 0 and at most 1"
         elif name == "seed":
-            ok, rule = 0 <= value < 2**63 - 2**16, "0 or more and below 2**63"  # room for seed + rank
+            # room for seed + rank
+            ok, rule = 0 <= value < 2**63 - 2**16, "0 or more and below 2**63"
         elif name in NONNEGATIVE:
             ok, rule = value >= 0, "0 or more"
         else:
@@ -105,19 +108,21 @@ def parse_args(argv, description, hyperparameters, add_flags=None, has_attention
                      formatter_class=HelpFormatter)
     for name, default in hyperparameters.items():
         parser.add_argument("--" + name.replace("_", "-"), type=checked(name, type(default)),
-                            default=default, help=HELP.get(name, name), metavar=type(default).__name__.upper())
+                            default=default, help=HELP.get(name, name),
+                            metavar=type(default).__name__.upper())
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="auto picks cuda, then mps, then cpu")
     parser.add_argument("--seed", type=checked("seed", int), default=1337, help="random seed")
-    parser.add_argument("--data", metavar="FILE", help="train on this UTF-8 text file instead of Tiny Shakespeare")
+    parser.add_argument("--data", metavar="FILE",
+                        help="train on this UTF-8 text file instead of Tiny Shakespeare")
     parser.add_argument("--max-new-tokens", type=checked("max_new_tokens", int), default=500,
                         metavar="INT", help="length of the sample printed at the end")
     parser.add_argument("--out", type=nonempty("a folder"), metavar="DIR",
                         help="write the run's metrics.json and loss.png into this folder")
     if has_attention:
         parser.add_argument("--plot-attention", action="store_true",
-                            help="save the attention weights for the start of the val text as attention.png "
-                                 "in --out (or here)")
+                            help="save the attention weights for the start of the val text as "
+                                 "attention.png in --out (or here)")
     if add_flags:
         add_flags(parser)
     args = parser.parse_args([] if argv is None and in_notebook() else argv)
@@ -125,9 +130,11 @@ def parse_args(argv, description, hyperparameters, add_flags=None, has_attention
         parser.error(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
     if "n_kv_head" in hyperparameters and args.n_head % args.n_kv_head:
         parser.error(f"--n-head {args.n_head} must be divisible by --n-kv-head {args.n_kv_head}")
-    if "n_kv_head" in hyperparameters and args.n_embd // args.n_head % 2:  # RoPE turns channels in pairs
-        parser.error(f"--n-embd {args.n_embd} / --n-head {args.n_head} gives heads of {args.n_embd // args.n_head} "
-                     "channels, an odd number: rotary positions turn channels in pairs")
+    # RoPE turns channels in pairs
+    if "n_kv_head" in hyperparameters and args.n_embd // args.n_head % 2:
+        parser.error(f"--n-embd {args.n_embd} / --n-head {args.n_head} gives heads of "
+                     f"{args.n_embd // args.n_head} channels, an odd number: "
+                     "rotary positions turn channels in pairs")
     if args.out:
         check_out(parser, args.out)
     return args
@@ -138,8 +145,9 @@ def out_of_memory(err):
     if isinstance(err, MemoryError):
         return True
     message = str(err)
-    return isinstance(err, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message
-                                               or "not enough memory" in message)
+    return isinstance(err, RuntimeError) and ("out of memory" in message
+                                              or "can't allocate memory" in message
+                                              or "not enough memory" in message)
 
 
 def run(main):
@@ -167,8 +175,8 @@ def run(main):
     except (RuntimeError, MemoryError) as err:
         if not out_of_memory(err):
             raise
-        print(f"{prog}error: ran out of memory ({str(err).splitlines()[0][:120]}); lower --batch-size "
-              "or --block-size, or the model's size", file=sys.stderr)
+        print(f"{prog}error: ran out of memory ({str(err).splitlines()[0][:120]}); "
+              "lower --batch-size or --block-size, or the model's size", file=sys.stderr)
         status = 2
     finally:
         signal.signal(signal.SIGINT, previous)

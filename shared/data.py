@@ -1,13 +1,12 @@
 """Tiny Shakespeare (or any UTF-8 text), a character tokenizer, a train/val split and batches."""
 import hashlib
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import torch
 
-from shared import UserError, remove_stale_temporary_files, temporary_file
+from shared import UserError, atomic_write
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -20,30 +19,26 @@ def sha256(path):
 
 
 def download(path, url):
-    """Fetch Tiny Shakespeare into path. A temporary file is renamed into place only once its
-    checksum is right, so an interrupted download never leaves a file that looks complete."""
-    path, tmp = Path(path), None
+    """Fetch Tiny Shakespeare into path. The file is written (atomically) only once its checksum
+    is right, so an interrupted download never leaves a file that looks complete."""
+    path = Path(path)
     print(f"downloading Tiny Shakespeare to {path}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporary_files(path)
-        fd, tmp = temporary_file(path)
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as response:
-            f.write(response.read())
-        if sha256(tmp) != SHA256:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            content = response.read()
+        if hashlib.sha256(content).hexdigest() != SHA256:
             raise UserError(f"the file downloaded from {url} has the wrong checksum; "
                             f"try again later, or save it yourself as {path}")
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            f.write(content)
     except (urllib.error.URLError, OSError) as err:
         raise UserError(f"could not download Tiny Shakespeare ({err}); save {url} as {path} "
                         "by hand, or train on your own text with --data FILE") from None
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_text(path=None):
-    """Tiny Shakespeare, downloaded on first use and checked on every load; or the user's own file."""
+    """Tiny Shakespeare, downloaded on first use and checked on every load; or the user's own
+    file."""
     if path is None:
         if not DEFAULT_PATH.exists():
             download(DEFAULT_PATH, URL)
@@ -100,9 +95,9 @@ class TiktokenTokenizer:
             raise UserError(f"--tokenizer {name}: tiktoken has no such encoding "
                             f"(it has {', '.join(tiktoken.list_encoding_names())})") from None
         except OSError as err:
-            raise UserError(f"could not fetch tiktoken's files for {name!r} ({type(err).__name__}); "
-                            "connect once so tiktoken can cache them, or use --tokenizer char, "
-                            "which works offline") from None
+            raise UserError(f"could not fetch tiktoken's files for {name!r} "
+                            f"({type(err).__name__}); connect once so tiktoken can cache them, "
+                            "or use --tokenizer char, which works offline") from None
         self.name = name
         self.vocab_size = self.encoding.n_vocab
 
@@ -134,22 +129,47 @@ class HuggingFaceTokenizer:
         return {"kind": "huggingface", "name": self.name}
 
 
-def from_hugging_face(class_name, name_or_path):
-    """transformers' class_name (a model class, or AutoTokenizer) from the Hugging Face hub by
-    name, or from a folder written by save_pretrained; what goes wrong, in one sentence.
+def from_hugging_face(class_name, name_or_path, **options):
+    """transformers' class_name (AutoConfig, AutoTokenizer, a model class) from the Hugging Face
+    hub by name, or from a folder written by save_pretrained; what goes wrong, in one sentence.
     transformers is an optional extra, imported only here."""
     try:
         import transformers
         from transformers.utils import logging
     except ImportError:
-        raise UserError(f"{name_or_path!r} comes from Hugging Face: pip install transformers") from None
+        raise UserError(f"{name_or_path!r} comes from Hugging Face: "
+                        "pip install transformers") from None
     logging.disable_progress_bar()
+    # its warnings (a weight it could not load, say) become our own errors, one sentence each
+    logging.set_verbosity_error()
     try:
-        return getattr(transformers, class_name).from_pretrained(name_or_path)
+        return getattr(transformers, class_name).from_pretrained(name_or_path, **options)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"could not load {name_or_path!r}: it is not a folder written by save_pretrained, "
-                        f"and the Hugging Face hub did not provide it ({reason})") from None
+        raise UserError(f"could not load {name_or_path!r}: it is not a folder written by "
+                        "save_pretrained, and the Hugging Face hub did not provide it "
+                        f"({reason})") from None
+
+
+def pretrained_model(name_or_path, model_types):
+    """A causal language model from Hugging Face, refused in one sentence unless its config is of
+    one of model_types and every one of its weights loaded. transformers builds any model from
+    any config, fills each weight it does not find with random numbers, and only warns."""
+    config = from_hugging_face("AutoConfig", name_or_path)
+    if config.model_type not in model_types:
+        raise UserError(f"{name_or_path!r} is a {config.model_type} model; this stage loads "
+                        f"{' and '.join(model_types)} models")
+    model, loading = from_hugging_face("AutoModelForCausalLM", name_or_path, config=config,
+                                       output_loading_info=True, ignore_mismatched_sizes=True)
+    problems = {"missing": loading["missing_keys"],
+                "of no use": loading["unexpected_keys"],
+                "of another shape": [name for name, *_ in loading["mismatched_keys"]]}
+    found = [f"{len(names)} {what} (such as {sorted(names)[0]})"
+             for what, names in problems.items() if names]
+    if found:
+        raise UserError(f"{name_or_path!r} does not hold the weights its config describes: "
+                        f"{', '.join(found)}; it was altered, or saved from another model")
+    return model.eval()
 
 
 def make_tokenizer(name, text):

@@ -20,9 +20,11 @@ def select_device(name="auto"):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: PyTorch finds no CUDA GPU on this machine; use --device cpu")
+        raise UserError("--device cuda: PyTorch finds no CUDA GPU on this machine; "
+                        "use --device cpu")
     if name == "mps" and not has_mps:
-        raise UserError("--device mps: PyTorch finds no Apple GPU (MPS) on this machine; use --device cpu")
+        raise UserError("--device mps: PyTorch finds no Apple GPU (MPS) on this machine; "
+                        "use --device cpu")
     return torch.device(name)
 
 
@@ -45,7 +47,8 @@ def all_reduce(values, op=dist.ReduceOp.SUM):
     """values (a list of floats) combined across processes; unchanged in a single process."""
     if not dist.is_initialized():
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    tensor = torch.tensor(values, dtype=torch.float64,
+                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(tensor, op=op)
     return tensor.tolist()
 
@@ -59,7 +62,8 @@ def machine(device):
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            name = next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return f"{name}, {torch.get_num_threads()} threads"
@@ -75,14 +79,16 @@ def available_memory(device):
         return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
     try:
         with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            available = next(int(line.split()[1]) * 1024 for line in f
+                             if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
         try:  # macOS and other Unixes: the physical memory, a bound at least
             available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (AttributeError, ValueError, OSError):
             return None
     try:
-        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+        with (open("/sys/fs/cgroup/memory.max") as limit,
+              open("/sys/fs/cgroup/memory.current") as used):
             available = min(available, int(limit.read()) - int(used.read()))
     except (OSError, ValueError):  # no cgroup v2 here, or no limit ("max")
         pass
@@ -123,7 +129,8 @@ def check_memory(model, args, device):
     if available is None or needed <= available:
         return
     weights = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
-    lower = "the model's size (--n-layer, --n-embd)" if weights > available else "--batch-size or --block-size"
+    lower = ("the model's size (--n-layer, --n-embd)" if weights > available
+             else "--batch-size or --block-size")
     raise UserError(f"training needs about {gigabytes(needed)} of memory and the {device.type} has "
                     f"{gigabytes(available)} available; lower {lower}")
 

@@ -1,18 +1,17 @@
 """What a run leaves behind and the report made of runs: metrics.json, loss curves, attention
 maps, and a table and a figure of several runs.
 
-    python -m shared.report runs/          # every runs/*/metrics.json -> runs/report.md, runs/report.png
+    python -m shared.report runs/  # every runs/*/metrics.json -> runs/report.md, runs/report.png
 
 Only here is matplotlib imported, and only when a picture is drawn, so a run without --out never
 pays for it. In a notebook every picture is also shown below the cell that drew it.
 """
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from shared import UserError, remove_stale_temporary_files, temporary_file
+from shared import UserError, atomic_write
 from shared.cli import Parser, in_notebook, run
 from shared.device import machine
 
@@ -56,20 +55,14 @@ def save_metrics(out_dir, metrics):
     out_dir. The JSON is written atomically: a reader never sees half a file."""
     out_dir = Path(out_dir)
     metrics = {**metrics, "machine": machine(metrics["device"])}
-    path, tmp = out_dir / "metrics.json", None
+    path = out_dir / "metrics.json"
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporary_files(path)
-        fd, tmp = temporary_file(path)
-        with os.fdopen(fd, "w") as f:
+        with atomic_write(path, "w") as f:
             json.dump(metrics, f, indent=2)
-        os.replace(tmp, path)
         plot_losses(metrics, out_dir / "loss.png")
     except OSError as err:
-        raise UserError(f"--out {out_dir}: cannot write the run's metrics ({err.strerror or err})") from None
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
+        raise UserError(f"--out {out_dir}: cannot write the run's metrics "
+                        f"({err.strerror or err})") from None
     return path
 
 
@@ -122,7 +115,8 @@ def attention_maps(model, idx):
     layers = {}
     for name, x in inputs.items():
         weights = model.get_submodule(name).attention_weights(x)[0].float()  # ([heads,] T, T)
-        layers.setdefault(name.split(".heads.")[0], []).append(weights.view(-1, *weights.shape[-2:]))
+        layers.setdefault(name.split(".heads.")[0], []).append(
+            weights.view(-1, *weights.shape[-2:]))
     return [torch.cat(heads) for heads in layers.values()]
 
 
@@ -142,7 +136,8 @@ def plot_attention(model, tokenizer, ids, out_dir):
     plt = pyplot()
     from matplotlib.colors import PowerNorm
     side = max(1.6, min(3.2, 12 / n_cols))  # inches per panel: a 12-head layer still fits a page
-    fontsize = max(3.0, min(8.0, 50 * side / T))  # one label per token, as large as the panel allows
+    # one label per token, as large as the panel allows
+    fontsize = max(3.0, min(8.0, 50 * side / T))
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(side * n_cols + 1, side * n_rows + 0.6),
                              squeeze=False, layout="constrained")
     for row, heads in enumerate(layers):
@@ -152,14 +147,16 @@ def plot_attention(model, tokenizer, ids, out_dir):
                 ax.axis("off")
                 continue
             # a square-root colour scale, so the small weights spread over many tokens still show
-            image = ax.imshow(heads[col].cpu().numpy(), cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1))
+            image = ax.imshow(heads[col].cpu().numpy(), cmap="viridis",
+                              norm=PowerNorm(0.5, vmin=0, vmax=1))
             ax.set_title(f"layer {row + 1}, head {col + 1}" if n_rows > 1 else f"head {col + 1}",
                          fontsize=8)
-            ax.set_xticks(range(T), labels if row == n_rows - 1 else [], rotation=90, fontsize=fontsize)
+            ax.set_xticks(range(T), labels if row == n_rows - 1 else [], rotation=90,
+                          fontsize=fontsize)
             ax.set_yticks(range(T), labels if col == 0 else [], fontsize=fontsize)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
-    fig.suptitle("row t: how much position t takes from each position 0..t (queries down, keys across)",
-                 fontsize=9)
+    fig.suptitle("row t: how much position t takes from each position 0..t "
+                 "(queries down, keys across)", fontsize=9)
     path = Path(out_dir) / "attention.png"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,10 +177,11 @@ def read_runs(folders):
     with "run", the name of its folder."""
     runs = []
     for folder in map(Path, folders):
-        paths = [folder / "metrics.json"] if (folder / "metrics.json").is_file() else \
-            sorted(folder.glob("*/metrics.json"))
+        paths = ([folder / "metrics.json"] if (folder / "metrics.json").is_file()
+                 else sorted(folder.glob("*/metrics.json")))
         if not paths:
-            raise UserError(f"{folder} holds no metrics.json; run a stage with --out {folder}/NAME first")
+            raise UserError(f"{folder} holds no metrics.json; "
+                            f"run a stage with --out {folder}/NAME first")
         for path in paths:
             try:
                 metrics = json.loads(path.read_text())
@@ -220,13 +218,14 @@ def minutes_seconds(seconds):
 
 def table(runs):
     """The runs as a Markdown table, one row each, named by the run's folder."""
-    lines = ["| run | stage | concept added | settings that differ | parameters | val loss | bits/char "
-             "| wall time | machine |",
+    lines = ["| run | stage | concept added | settings that differ | parameters | val loss "
+             "| bits/char | wall time | machine |",
              "|---|---|---|---|---:|---:|---:|---:|---|"]
     for m, differing in zip(runs, differences(runs), strict=True):
-        lines.append(f"| {m['run']} | {m['stage']} | {CONCEPTS.get(m['stage'], '')} | {differing} | "
-                     f"{m['parameters']:,} | {m['val_loss']:.4f} | {m['val_bpc']:.3f} | "
-                     f"{minutes_seconds(m['history'][-1]['seconds'])} | {m['machine']} |")
+        lines.append(f"| {m['run']} | {m['stage']} | {CONCEPTS.get(m['stage'], '')} | "
+                     f"{differing} | {m['parameters']:,} | {m['val_loss']:.4f} | "
+                     f"{m['val_bpc']:.3f} | {minutes_seconds(m['history'][-1]['seconds'])} | "
+                     f"{m['machine']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -251,9 +250,11 @@ def plot_progression(runs, path):
 
 
 def main(argv=None):
-    parser = Parser(prog="python -m shared.report", description="A Markdown table and a figure of the val "
-                    "loss of every run found in the folders given.")
-    parser.add_argument("folders", nargs="+", metavar="DIR", help="a run's --out folder, or a folder of them")
+    parser = Parser(prog="python -m shared.report",
+                    description="A Markdown table and a figure of the val loss of every run "
+                                "found in the folders given.")
+    parser.add_argument("folders", nargs="+", metavar="DIR",
+                        help="a run's --out folder, or a folder of them")
     parser.add_argument("--out", metavar="DIR", help="where report.md and report.png go "
                         "(default: the first folder given)")
     args = parser.parse_args(argv)
