@@ -19,7 +19,7 @@ from shared.cli import parse_args, run
 from shared.data import get_batch, load_dataset
 from shared.device import build_model, select_device
 
-# %% Hyperparameters: the defaults of the flags (batch_size is --batch-size); in a notebook, edit them here
+# %% Hyperparameters: the flags' defaults (batch_size is --batch-size); edit them in a notebook
 hyperparameters = dict(
     batch_size=32,
     block_size=32,
@@ -81,15 +81,17 @@ def progress(step, args, seconds, eval_seconds):
         return ""
     step_seconds = (seconds - eval_seconds) / step
     left = seconds / step * (args.max_iters - step)
-    return (f" | {1000 * step_seconds:.1f} ms/step, {args.batch_size * args.block_size / step_seconds:,.0f}"
-            f" tok/s, {left // 60:.0f}:{left % 60:02.0f} left")
+    tokens_per_second = args.batch_size * args.block_size / step_seconds
+    return (f" | {1000 * step_seconds:.1f} ms/step, {tokens_per_second:,.0f} tok/s,"
+            f" {left // 60:.0f}:{left % 60:02.0f} left")
 
 
 def check_finite(loss, step):
     """Stop at the first loss that is inf or NaN: the run has diverged, and what would follow
     (sampling, the metrics, the pictures) would only fail on it."""
     if not math.isfinite(loss):
-        raise UserError(f"the loss became {loss} at step {step}: training diverged; try a smaller --lr")
+        raise UserError(f"the loss became {loss} at step {step}: training diverged; "
+                        "try a smaller --lr")
 
 
 def train(model, train_data, val_data, args, device, chars_per_token):
@@ -111,9 +113,11 @@ def train(model, train_data, val_data, args, device, chars_per_token):
                 eval_seconds += time.time() - eval_start
                 seconds = time.time() - start
                 bpc = losses["val"] / chars_per_token / math.log(2)
-                history.append({"step": step, "seconds": round(seconds, 3), **losses, "val_bpc": bpc})
-                print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                      f"val {bpc:.3f} bits/char" + progress(step, args, seconds, eval_seconds), flush=True)
+                record = {"step": step, "seconds": round(seconds, 3), **losses, "val_bpc": bpc}
+                history.append(record)
+                print(f"step {step}: train loss {losses['train']:.4f}, "
+                      f"val loss {losses['val']:.4f}, val {bpc:.3f} bits/char"
+                      + progress(step, args, seconds, eval_seconds), flush=True)
                 last_print = time.time()
             if step == args.max_iters:
                 break
@@ -146,7 +150,8 @@ def generate(model, idx, max_new_tokens):
     model.eval()
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -model.block_size:])  # (B, T, vocab_size)
-        probs = F.softmax(logits[:, -1, :], dim=-1)  # (B, vocab_size): the next token's distribution
+        # the next token's distribution, (B, vocab_size)
+        probs = F.softmax(logits[:, -1, :], dim=-1)
         idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
         idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
     model.train(was_training)
@@ -164,21 +169,25 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     device = select_device(args.device)
     tokenizer, train_data, val_data = load_dataset(args.data, args.block_size)
-    model = build_model(lambda: BigramLanguageModel(tokenizer.vocab_size, args.block_size), args, device)
+    model = build_model(
+        lambda: BigramLanguageModel(tokenizer.vocab_size, args.block_size), args, device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params:,} parameters (every weight and bias), {tokenizer.vocab_size} tokens, on {device}")
+    print(f"{n_params:,} parameters (every weight and bias), {tokenizer.vocab_size} tokens, "
+          f"on {device}")
     chars_per_token = len(tokenizer.decode(val_data.tolist())) / len(val_data)  # 1 for characters
 
     history, tokens_per_second = train(model, train_data, val_data, args, device, chars_per_token)
     if args.out and history:
         path = report.save_metrics(args.out, {
             "stage": __doc__.split(".py")[0], "config": vars(args), "parameters": n_params,
-            "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size, "device": str(device),
-            "history": history, "tokens_per_second": tokens_per_second, "train_loss": history[-1]["train"],
-            "val_loss": history[-1]["val"], "val_bpc": history[-1]["val_bpc"]})
+            "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size,
+            "device": str(device), "history": history, "tokens_per_second": tokens_per_second,
+            "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
+            "val_bpc": history[-1]["val_bpc"]})
         print(f"metrics written to {path}")
 
-    context = torch.zeros((1, 1), dtype=torch.long, device=device)  # token 0 ('\n' in Tiny Shakespeare)
+    # token 0: '\n' in Tiny Shakespeare
+    context = torch.zeros((1, 1), dtype=torch.long, device=device)
     print("-" * 80)
     print(tokenizer.decode(generate(model, context, args.max_new_tokens)[0].tolist()))
 

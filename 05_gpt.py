@@ -26,7 +26,7 @@ from shared.data import get_batch, load_dataset
 from shared.device import build_model, select_device
 
 
-# %% Hyperparameters: the defaults of the flags (batch_size is --batch-size); in a notebook, edit them here
+# %% Hyperparameters: the flags' defaults (batch_size is --batch-size); edit them in a notebook
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # context length
@@ -41,7 +41,8 @@ class GPTConfig:
 
 # Model shapes. vocab_size is set by the tokenizer at training time.
 PRESETS = {
-    # the exact GELU: 2.6x faster than GPT-2's tanh form on a CPU (measured), and free to use from scratch
+    # the exact GELU: 2.6x faster than GPT-2's tanh form on a CPU (measured), and free to use when
+    # training from scratch
     "cpu": GPTConfig(block_size=64, n_layer=3, n_head=4, n_embd=128, gelu="none"),
     "shakespeare": GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
@@ -110,11 +111,13 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # prepend the earlier positions' keys and values
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # on a CPU, PyTorch's fused kernel is slow in bfloat16 (forward and backward 2.7x slower
-            # than in float32, measured), while spelled out in bfloat16 products it is faster than both
+            # on a CPU, PyTorch's fused kernel is slow in bfloat16 (forward and backward 2.7x
+            # slower than in float32, measured), while spelled out in bfloat16 products it is
+            # faster than both
             y = F.dropout(causal_attention_weights(q, k), self.dropout, self.training) @ v
         else:
-            # the masked softmax of stage 04 in one fused kernel; new queries may see every cached key
+            # the masked softmax of stage 04 in one fused kernel; new queries may see every
+            # cached key
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                                dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
@@ -234,15 +237,17 @@ def progress(step, args, seconds, eval_seconds):
         return ""
     step_seconds = (seconds - eval_seconds) / step
     left = seconds / step * (args.max_iters - step)
-    return (f" | {1000 * step_seconds:.1f} ms/step, {args.batch_size * args.block_size / step_seconds:,.0f}"
-            f" tok/s, {left // 60:.0f}:{left % 60:02.0f} left")
+    tokens_per_second = args.batch_size * args.block_size / step_seconds
+    return (f" | {1000 * step_seconds:.1f} ms/step, {tokens_per_second:,.0f} tok/s,"
+            f" {left // 60:.0f}:{left % 60:02.0f} left")
 
 
 def check_finite(loss, step):
     """Stop at the first loss that is inf or NaN: the run has diverged, and what would follow
     (sampling, the metrics, the pictures) would only fail on it."""
     if not math.isfinite(loss):
-        raise UserError(f"the loss became {loss} at step {step}: training diverged; try a smaller --lr")
+        raise UserError(f"the loss became {loss} at step {step}: training diverged; "
+                        "try a smaller --lr")
 
 
 def resolve_dtype(name, device):
@@ -256,7 +261,8 @@ def resolve_dtype(name, device):
 def autocast(args, device):
     """Matrix products in args.dtype, with the weights, the optimizer and the numerically delicate
     ops (softmax, LayerNorm, the loss) kept in float32: mixed precision."""
-    return torch.autocast(device.type, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
+    dtype = getattr(torch, args.dtype)
+    return torch.autocast(device.type, dtype=dtype, enabled=args.dtype != "float32")
 
 
 def configure_optimizer(model, args):
@@ -298,9 +304,11 @@ def train(model, train_data, val_data, args, device, chars_per_token):
                 eval_seconds += time.time() - eval_start
                 seconds = time.time() - start
                 bpc = losses["val"] / chars_per_token / math.log(2)
-                history.append({"step": step, "seconds": round(seconds, 3), **losses, "val_bpc": bpc})
-                print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                      f"val {bpc:.3f} bits/char" + progress(step, args, seconds, eval_seconds), flush=True)
+                record = {"step": step, "seconds": round(seconds, 3), **losses, "val_bpc": bpc}
+                history.append(record)
+                print(f"step {step}: train loss {losses['train']:.4f}, "
+                      f"val loss {losses['val']:.4f}, val {bpc:.3f} bits/char"
+                      + progress(step, args, seconds, eval_seconds), flush=True)
                 last_print = time.time()
             if step == args.max_iters:
                 break
@@ -357,7 +365,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0:
         return greedy(logits)
     # the top logit at 0, and no temperature below what the dtype can divide by: never inf - inf
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -366,7 +375,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
+             use_cache=True):
     """Extend each row of idx, a (B, T) tensor of token ids, by max_new_tokens tokens. The model
     reads a window of the latest tokens that, once longer than block_size, moves on to keep its
     newer half. With the KV cache each step feeds only the newest token; the window is computed
@@ -398,22 +408,25 @@ def add_flags(parser):
     parser.add_argument("--preset", choices=PRESETS, help="model shape and recipe "
                         "(default: cpu on a CPU, shakespeare on a GPU)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="autocast precision for training; auto: bfloat16 where the hardware has it")
+                        help="autocast precision for training; "
+                        "auto: bfloat16 where the hardware has it")
     parser.add_argument("--tokenizer", default="char",
                         help="char, a tiktoken encoding such as gpt2, or a Hugging Face tokenizer")
 
 
 def main(argv=None):
-    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults("cpu"), add_flags, has_attention=True)
+    description = __doc__.split("\n\n")[0]
+    args = parse_args(argv, description, flag_defaults("cpu"), add_flags, has_attention=True)
     preset = args.preset or ("cpu" if select_device(args.device).type == "cpu" else "shakespeare")
-    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults(preset), add_flags, has_attention=True)
+    args = parse_args(argv, description, flag_defaults(preset), add_flags, has_attention=True)
     torch.manual_seed(args.seed)
     device = select_device(args.device)
     args.dtype = resolve_dtype(args.dtype, device)
     tokenizer, train_data, val_data = load_dataset(args.data, args.block_size, args.tokenizer)
-    model = build_model(lambda: GPT(replace(PRESETS[preset], vocab_size=tokenizer.vocab_size,
-                                            block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                                            n_embd=args.n_embd, dropout=args.dropout)), args, device)
+    config = replace(PRESETS[preset], vocab_size=tokenizer.vocab_size, block_size=args.block_size,
+                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                     dropout=args.dropout)
+    model = build_model(lambda: GPT(config), args, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params:,} parameters (every weight and bias; a tied wte/lm_head once), "
           f"{tokenizer.vocab_size} tokens, on {device} in {args.dtype}; preset {preset}")
@@ -423,18 +436,22 @@ def main(argv=None):
     if args.out and history:
         path = report.save_metrics(args.out, {
             "stage": __doc__.split(".py")[0], "config": vars(args), "parameters": n_params,
-            "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size, "device": str(device),
-            "history": history, "tokens_per_second": tokens_per_second, "train_loss": history[-1]["train"],
-            "val_loss": history[-1]["val"], "val_bpc": history[-1]["val_bpc"]})
+            "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size,
+            "device": str(device), "history": history, "tokens_per_second": tokens_per_second,
+            "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
+            "val_bpc": history[-1]["val_bpc"]})
         print(f"metrics written to {path}")
     if args.plot_attention:
-        report.plot_attention(model, tokenizer, val_data[:32], args.out or ".")  # the val text's first tokens
+        # the val text's first tokens
+        report.plot_attention(model, tokenizer, val_data[:32], args.out or ".")
 
-    context = torch.zeros((1, 1), dtype=torch.long, device=device)  # token 0 ('\n' in Tiny Shakespeare)
+    # token 0: '\n' in Tiny Shakespeare
+    context = torch.zeros((1, 1), dtype=torch.long, device=device)
     for label, settings in {"greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
                             "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)}.items():
         print(f"{'-' * 30} {label} {'-' * (49 - len(label))}")
-        print(tokenizer.decode(generate(model, context, args.max_new_tokens, **settings)[0].tolist()))
+        tokens = generate(model, context, args.max_new_tokens, **settings)[0]
+        print(tokenizer.decode(tokens.tolist()))
 
 
 if __name__ == "__main__":

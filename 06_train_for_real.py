@@ -1,4 +1,5 @@
-"""06_train_for_real.py: training GPT-2 for real: checkpoints, exact resume, signals, torchrun, GPT-2's weights.
+"""06_train_for_real.py: training GPT-2 for real: checkpoints, exact resume, signals, torchrun,
+GPT-2's weights.
 
 New here, all engineering and no math (with the same flags it prints exactly stage 05's losses):
 a checkpoint in --out DIR at every evaluation, written atomically, loaded with weights_only=True;
@@ -12,7 +13,7 @@ OpenAI's GPT-2 weights through Hugging Face transformers, with a fine-tuning rec
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
 Expect: stage 05's losses, val 1.73 after 800 steps, and its samples; the checkpoint is then in
 runs/06_train_for_real/ (--out DIR for another folder). Sample from it with
-        python 06_train_for_real.py --sample --prompt "ROMEO:" --temperature 0.8 --top-k 40 --top-p 0.95
+    python 06_train_for_real.py --sample --prompt "ROMEO:" --temperature 0.8 --top-k 40 --top-p 0.95
 """
 import gc
 import math
@@ -30,13 +31,19 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shared import UserError, remove_stale_temporary_files, report, temporary_file
+from shared import UserError, atomic_write, report
 from shared.cli import checked, nonempty, parse_args, run
-from shared.data import TiktokenTokenizer, from_hugging_face, get_batch, load_dataset, tokenizer_from_identity
+from shared.data import (
+    TiktokenTokenizer,
+    get_batch,
+    load_dataset,
+    pretrained_model,
+    tokenizer_from_identity,
+)
 from shared.device import all_reduce, build_model, check_memory, select_device, setup_distributed
 
 
-# %% Hyperparameters: the defaults of the flags (batch_size is --batch-size); in a notebook, edit them here
+# %% Hyperparameters: the flags' defaults (batch_size is --batch-size); edit them in a notebook
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # context length
@@ -51,7 +58,8 @@ class GPTConfig:
 
 # Model shapes. vocab_size is set by the tokenizer at training time.
 PRESETS = {
-    # the exact GELU: 2.6x faster than GPT-2's tanh form on a CPU (measured), and free to use from scratch
+    # the exact GELU: 2.6x faster than GPT-2's tanh form on a CPU (measured), and free to use when
+    # training from scratch
     "cpu": GPTConfig(block_size=64, n_layer=3, n_head=4, n_embd=128, gelu="none"),
     "shakespeare": GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
@@ -126,11 +134,13 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # prepend the earlier positions' keys and values
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # on a CPU, PyTorch's fused kernel is slow in bfloat16 (forward and backward 2.7x slower
-            # than in float32, measured), while spelled out in bfloat16 products it is faster than both
+            # on a CPU, PyTorch's fused kernel is slow in bfloat16 (forward and backward 2.7x
+            # slower than in float32, measured), while spelled out in bfloat16 products it is
+            # faster than both
             y = F.dropout(causal_attention_weights(q, k), self.dropout, self.training) @ v
         else:
-            # the masked softmax of stage 04 in one fused kernel; new queries may see every cached key
+            # the masked softmax of stage 04 in one fused kernel; new queries may see every
+            # cached key
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                                dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
@@ -230,20 +240,28 @@ class GPT(nn.Module):
         """GPT-2 with OpenAI's weights, through Hugging Face transformers: a hub name (gpt2,
         gpt2-medium, gpt2-large, gpt2-xl) or a folder written by save_pretrained. The shape comes
         with the weights; block_size, if given, crops the context to its first positions."""
-        hf_model = from_hugging_face("GPT2LMHeadModel", name_or_path).eval()
+        hf_model = pretrained_model(name_or_path, ["gpt2"])
         hf = hf_model.config
         if (block_size or 0) > hf.n_positions:
             raise UserError(f"--block-size {block_size} is longer than {name_or_path}'s context of "
                             f"{hf.n_positions} tokens")
-        model = cls(GPTConfig(block_size=block_size or hf.n_positions, vocab_size=hf.vocab_size,
-                              n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, dropout=dropout))
+        config = GPTConfig(block_size=block_size or hf.n_positions, vocab_size=hf.vocab_size,
+                           n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, dropout=dropout)
+        model = cls(config)
         theirs = {name.removeprefix("transformer."): t for name, t in hf_model.state_dict().items()}
         # GPT-2's Conv1D layers store their weight as (in, out), the transpose of nn.Linear's
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                  "mlp.c_proj.weight")
         with torch.no_grad():
-            for name, p in model.named_parameters():  # the tied lm_head comes as wte, once
+            # the tied lm_head comes as wte, once
+            for name, p in model.named_parameters():
                 tensor = theirs[name].t() if name.endswith(conv1d) else theirs[name]
-                p.copy_(tensor[:model.block_size] if name == "wpe.weight" else tensor)
+                if name == "wpe.weight":
+                    tensor = tensor[:model.block_size]
+                if tensor.shape != p.shape:
+                    raise UserError(f"{name_or_path!r} has {name} of shape {tuple(tensor.shape)}, "
+                                    f"where this stage's GPT-2 has {tuple(p.shape)}")
+                p.copy_(tensor)
         return model
 
 
@@ -262,7 +280,8 @@ def estimate_loss(model, splits, args, device):
         batches = (get_batch(data, args.batch_size, args.block_size, device, generator)
                    for _ in range(args.eval_iters))
         loss = sum(model(x, y)[1].item() for x, y in batches) / args.eval_iters
-        losses[name] = all_reduce([loss])[0] / args.world_size  # the mean over every process's batches
+        # the mean over every process's batches
+        losses[name] = all_reduce([loss])[0] / args.world_size
     model.train(was_training)
     return losses
 
@@ -282,7 +301,8 @@ def check_finite(loss, step):
     """Stop at the first loss that is inf or NaN: the run has diverged, and what would follow
     (sampling, the metrics, the pictures) would only fail on it."""
     if not math.isfinite(loss):
-        raise UserError(f"the loss became {loss} at step {step}: training diverged; try a smaller --lr")
+        raise UserError(f"the loss became {loss} at step {step}: training diverged; "
+                        "try a smaller --lr")
 
 
 def resolve_dtype(name, device):
@@ -296,7 +316,8 @@ def resolve_dtype(name, device):
 def autocast(args, device):
     """Matrix products in args.dtype, with the weights, the optimizer and the numerically delicate
     ops (softmax, LayerNorm, the loss) kept in float32: mixed precision."""
-    return torch.autocast(device.type, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
+    dtype = getattr(torch, args.dtype)
+    return torch.autocast(device.type, dtype=dtype, enabled=args.dtype != "float32")
 
 
 def configure_optimizer(model, args):
@@ -321,7 +342,8 @@ def learning_rate(step, args):
 def train_step(model, optimizer, batches, args, step, scaler):
     """One optimizer step on the mean gradient of the batches (accumulated one after another)
     and, under DDP, of every process's batches; returns their mean loss. In float16 the scaler
-    scales the loss up, so that small gradients don't round to zero, and back down before the step."""
+    scales the loss up, so that small gradients don't round to zero, and back down before the
+    step."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, args)
     total = 0.0
@@ -331,7 +353,8 @@ def train_step(model, optimizer, batches, args, step, scaler):
         with nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
             with autocast(args, x.device):
                 _, loss = model(x, y)
-            scaler.scale(loss / len(batches)).backward()  # the mean over batches, as if one big batch
+            # the mean over batches, as if they were one big batch
+            scaler.scale(loss / len(batches)).backward()
         total += loss.item() / len(batches)
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -348,21 +371,25 @@ class StopOnSignal:
 
     def __enter__(self):
         self.received = None
-        self.handlers = {signum: signal.signal(signum, self.request) for signum in (signal.SIGINT, signal.SIGTERM)}
+        self.handlers = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.handlers[signum] = signal.signal(signum, self.request)
         return self
 
     def request(self, signum, frame):
         if self.received:
             raise KeyboardInterrupt
         self.received = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to stop at once)", flush=True)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step "
+              "(Ctrl-C again to stop at once)", flush=True)
 
     def __exit__(self, *exc):
         for signum, handler in self.handlers.items():
             signal.signal(signum, handler)
 
 
-def train(model, optimizer, train_data, val_data, args, device, chars_per_token, step, history, on_checkpoint):
+def train(model, optimizer, train_data, val_data, args, device, chars_per_token, step, history,
+          on_checkpoint):
     """AdamW on random batches, with loss estimates (and bits per character, which compares
     tokenizers) every eval_interval steps and a progress line at least every few seconds, from
     `step` on; on_checkpoint(step, history) saves the state after every evaluation and when a
@@ -376,7 +403,9 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
     eval_seconds = 0.0
     with StopOnSignal() as stop:
         while True:
-            if (step % args.eval_interval == 0 or step == args.max_iters) and (step > start_step or not history):
+            due = step % args.eval_interval == 0 or step == args.max_iters
+            # a resumed run has the evaluation of its first step already
+            if due and (step > start_step or not history):
                 eval_start = time.time()
                 with autocast(args, device):
                     losses = estimate_loss(raw_model, splits, args, device)
@@ -384,16 +413,20 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
                 eval_seconds += time.time() - eval_start
                 seconds = time.time() - start
                 bpc = losses["val"] / chars_per_token / math.log(2)
-                history.append({"step": step, "seconds": round(seconds, 3), **losses, "val_bpc": bpc})
-                print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                      f"val {bpc:.3f} bits/char" + progress(step, args, seconds, eval_seconds, start_step), flush=True)
+                record = {"step": step, "seconds": round(seconds, 3), **losses, "val_bpc": bpc}
+                history.append(record)
+                print(f"step {step}: train loss {losses['train']:.4f}, "
+                      f"val loss {losses['val']:.4f}, val {bpc:.3f} bits/char"
+                      + progress(step, args, seconds, eval_seconds, start_step), flush=True)
                 on_checkpoint(step, history)
                 last_print = time.time()
             if step >= args.max_iters:
                 break
-            if all_reduce([bool(stop.received)], dist.ReduceOp.MAX)[0]:  # every process stops together
-                print(f"stopped at step {step}; saved to {on_checkpoint(step, history)}: run the same "
-                      "command with --resume to go on", flush=True)
+            # every process stops together
+            if all_reduce([bool(stop.received)], dist.ReduceOp.MAX)[0]:
+                path = on_checkpoint(step, history)
+                print(f"stopped at step {step}; saved to {path}: run the same command with "
+                      "--resume to go on", flush=True)
                 break
             batches = [get_batch(train_data, args.batch_size, args.block_size, device)
                        for _ in range(args.grad_accum_steps)]
@@ -401,11 +434,13 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
             step += 1
             check_finite(all_reduce([loss])[0], step)
             if time.time() - last_print > 5:
+                seconds = time.time() - start
                 print(f"step {step}: batch loss {loss:.4f}"
-                      + progress(step, args, time.time() - start, eval_seconds, start_step), flush=True)
+                      + progress(step, args, seconds, eval_seconds, start_step), flush=True)
                 last_print = time.time()
     seconds = time.time() - start
-    tokens = (step - start_step) * args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
+    tokens = (step - start_step) * tokens_per_step
     return history, tokens / max(seconds - eval_seconds, 1e-9), stop.received
 
 
@@ -415,8 +450,10 @@ STAGE = __doc__.split(".py")[0]  # checkpoints say which stage wrote them
 def rng_states():
     """Every process's random state, which decides its next batches (the data position) and its
     dropout masks: a list with one entry per process."""
-    state = {"cpu": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)}
+    cuda = torch.empty(0, dtype=torch.uint8)
+    if torch.cuda.is_available():
+        cuda = torch.cuda.get_rng_state()
+    state = {"cpu": torch.get_rng_state(), "cuda": cuda}
     if not dist.is_initialized():
         return [state]
     states = [None] * dist.get_world_size()
@@ -435,27 +472,17 @@ def set_rng_state(states, rank, world_size):
 
 def save_checkpoint(path, model, optimizer, tokenizer, step, history, rng_states):
     """Everything a run needs to go on where it stopped, as plain tensors, numbers and strings
-    (so it loads with weights_only=True). Written to a temporary file, flushed to the disk and
-    renamed into place, so a crash mid-write leaves the previous checkpoint as it was."""
+    (so it loads with weights_only=True), written atomically: a crash mid-write leaves the
+    previous checkpoint as it was."""
     checkpoint = {"stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "config": asdict(model.config), "tokenizer": tokenizer.identity(), "step": step,
                   "history": history, "rng_states": rng_states}
-    path, tmp = Path(path), None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporary_files(path)  # what a killed run left
-        fd, tmp = temporary_file(path)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # on the disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
     except OSError as err:
-        raise UserError(f"could not write the checkpoint {path} ({err.strerror or err}); the previous "
-                        "one, if any, is intact") from None
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
+        raise UserError(f"could not write the checkpoint {path} ({err.strerror or err}); "
+                        "the previous one, if any, is intact") from None
 
 
 def read_checkpoint(path):
@@ -467,10 +494,11 @@ def read_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); it may be truncated "
-                        "or from elsewhere") from None
+        raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
+                        "it may be truncated or from elsewhere") from None
     keys = {"stage", "model", "optimizer", "config", "tokenizer", "step", "history", "rng_states"}
-    if not isinstance(checkpoint, dict) or checkpoint.get("stage") != STAGE or set(checkpoint) != keys:
+    ours = isinstance(checkpoint, dict) and checkpoint.get("stage") == STAGE
+    if not ours or set(checkpoint) != keys:
         raise UserError(f"{path} is not a checkpoint written by this version of {STAGE}.py")
     return checkpoint
 
@@ -480,8 +508,8 @@ def model_from_checkpoint(checkpoint, path):
         model = GPT(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
     except (TypeError, RuntimeError) as err:
-        raise UserError(f"the weights in {path} don't fit its config ({type(err).__name__}); it was altered "
-                        f"or written by another version of {STAGE}.py") from None
+        raise UserError(f"the weights in {path} don't fit its config ({type(err).__name__}); "
+                        f"it was altered or written by another version of {STAGE}.py") from None
     if not all(torch.isfinite(t).all() for t in checkpoint["model"].values()):
         raise UserError(f"the weights in {path} are not all finite numbers; it was altered")
     return model
@@ -499,7 +527,8 @@ def check_resumable(checkpoint, args, path):
 def load_checkpoint(path):
     """The model (on the CPU, in eval mode) and tokenizer saved in a checkpoint file."""
     checkpoint = read_checkpoint(path)
-    return model_from_checkpoint(checkpoint, path).eval(), tokenizer_from_identity(checkpoint["tokenizer"])
+    model = model_from_checkpoint(checkpoint, path).eval()
+    return model, tokenizer_from_identity(checkpoint["tokenizer"])
 
 
 # %% Sampling
@@ -533,7 +562,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0:
         return greedy(logits)
     # the top logit at 0, and no temperature below what the dtype can divide by: never inf - inf
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -542,7 +572,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
+             use_cache=True):
     """Extend each row of idx, a (B, T) tensor of token ids, by max_new_tokens tokens. The model
     reads a window of the latest tokens that, once longer than block_size, moves on to keep its
     newer half. With the KV cache each step feeds only the newest token; the window is computed
@@ -571,126 +602,205 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 
 # %% Train, then sample
 def add_flags(parser):
-    parser.set_defaults(out=f"runs/{STAGE}")  # unlike stages 01-05, always keep the checkpoint
+    # unlike stages 01-05, always keep the checkpoint
+    parser.set_defaults(out=f"runs/{STAGE}")
     parser.add_argument("--preset", choices=PRESETS, help="model shape and recipe "
                         "(default: cpu on a CPU, shakespeare on a GPU)")
-    parser.add_argument("--init-from", type=nonempty("a model"), metavar="NAME|DIR", help="start from GPT-2's weights: "
-                        "gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a save_pretrained folder (needs transformers)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="autocast precision for training; auto: bfloat16 where the hardware has it")
-    parser.add_argument("--tokenizer", help="char, a tiktoken encoding such as gpt2, or a Hugging Face tokenizer "
-                        "(default: char; gpt2 with --init-from)")
-    parser.add_argument("--resume", action="store_true", help="go on training from the checkpoint in --out")
-    parser.add_argument("--sample", action="store_true", help="only sample, from --out or --init-from")
+    parser.add_argument("--init-from", type=nonempty("a model"), metavar="NAME|DIR",
+                        help="start from GPT-2's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                        "or a save_pretrained folder (needs transformers)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                        default="auto", help="autocast precision for training; "
+                        "auto: bfloat16 where the hardware has it")
+    parser.add_argument("--tokenizer", help="char, a tiktoken encoding such as gpt2, or a Hugging "
+                        "Face tokenizer (default: char; gpt2 with --init-from)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on training from the checkpoint in --out")
+    parser.add_argument("--sample", action="store_true",
+                        help="only sample, from --out or --init-from")
     parser.add_argument("--prompt", type=nonempty("some text"), help="text the samples start from")
-    parser.add_argument("--num-samples", type=checked("num_samples", int), default=1, help="samples per sampler")
-    parser.add_argument("--temperature", type=checked("temperature", float), default=1.0, help="0: greedy")
-    parser.add_argument("--top-k", type=checked("top_k", int), help="sample from the k likeliest tokens")
-    parser.add_argument("--top-p", type=checked("top_p", float), help="sample from the nucleus of mass p")
+    parser.add_argument("--num-samples", type=checked("num_samples", int), default=1,
+                        help="samples per sampler")
+    parser.add_argument("--temperature", type=checked("temperature", float), default=1.0,
+                        help="0: greedy")
+    parser.add_argument("--top-k", type=checked("top_k", int),
+                        help="sample from the k likeliest tokens")
+    parser.add_argument("--top-p", type=checked("top_p", float),
+                        help="sample from the nucleus of mass p")
+
+
+def parse_flags(argv):
+    """The flags, over the defaults of the preset they name (or of the device's), and the preset."""
+    description = __doc__.split("\n\n")[0]
+    args = parse_args(argv, description, flag_defaults("cpu"), add_flags, has_attention=True)
+    preset = args.preset or ("cpu" if select_device(args.device).type == "cpu" else "shakespeare")
+    defaults = flag_defaults(preset, args.init_from)
+    args = parse_args(argv, description, defaults, add_flags, has_attention=True)
+    if args.init_from and args.tokenizer not in (None, "gpt2"):
+        raise UserError("GPT-2's weights go with GPT-2's tokens: use --tokenizer gpt2, "
+                        "the default with --init-from")
+    return args, preset
+
+
+def checkpoint_path(args):
+    return Path(args.out) / "ckpt.pt"
+
+
+def start_processes(args):
+    """This process's rank, the number of processes (1 without torchrun) and its device."""
+    rank, world_size, device = setup_distributed(select_device(args.device))
+    if rank > 0:
+        # one process speaks for all
+        sys.stdout = open(os.devnull, "w")
+    # each process draws its own batches
+    torch.manual_seed(args.seed + rank)
+    args.world_size = world_size
+    args.dtype = resolve_dtype(args.dtype, device)
+    return rank, world_size, device
+
+
+def sample_only(args, device):
+    """--sample: samples with the sampler flags, from the checkpoint or from --init-from."""
+    if args.init_from:
+        model, tokenizer = GPT.from_pretrained(args.init_from), TiktokenTokenizer("gpt2")
+    else:
+        model, tokenizer = load_checkpoint(checkpoint_path(args))
+    prompt = tokenizer.encode(args.prompt) if args.prompt else [0]
+    model.eval().to(device)
+    if args.plot_attention:
+        report.plot_attention(model, tokenizer, torch.tensor(prompt), args.out)
+    sampler = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    print_samples(model, tokenizer, prompt, args, device, {"sample": sampler})
+
+
+def load_text(args, checkpoint):
+    """The tokenizer and the train and val tokens: those the checkpoint was trained on when
+    resuming, checked against it."""
+    if checkpoint:
+        check_resumable(checkpoint, args, checkpoint_path(args))
+        args.tokenizer = checkpoint["tokenizer"].get("name", "char")
+    args.tokenizer = args.tokenizer or ("gpt2" if args.init_from else "char")
+    tokenizer, train_data, val_data = load_dataset(args.data, args.block_size, args.tokenizer)
+    if checkpoint and tokenizer.identity() != checkpoint["tokenizer"]:
+        raise UserError(f"{checkpoint_path(args)} was trained on another text; "
+                        "resume with the same --data")
+    return tokenizer, train_data, val_data
+
+
+def make_model(args, preset, tokenizer, checkpoint, device):
+    """The model on the device: the checkpoint's, pretrained weights, or a new one of the preset's
+    shape with the flags' sizes; each checked first to fit in the device's memory."""
+    if checkpoint or args.init_from:
+        # weights already in memory, on the CPU
+        if checkpoint:
+            model = model_from_checkpoint(checkpoint, checkpoint_path(args))
+        else:
+            model = GPT.from_pretrained(args.init_from, args.block_size, args.dropout)
+        check_memory(model, args, device)
+        return model.to(device)
+    config = replace(PRESETS[preset], vocab_size=tokenizer.vocab_size, block_size=args.block_size,
+                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                     dropout=args.dropout)
+    return build_model(lambda: GPT(config), args, device)
+
+
+def describe(model, tokenizer, args, device, preset):
+    """Print what is trained, where, and on how many tokens a step; return the parameter count."""
+    n_params = sum(p.numel() for p in model.parameters())
+    source = f"weights {args.init_from}" if args.init_from else f"preset {preset}"
+    print(f"{n_params:,} parameters (every weight and bias; a tied head counted once), "
+          f"{tokenizer.vocab_size} tokens, on {device} in {args.dtype}; {source}")
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
+    print(f"{args.batch_size} x {args.block_size} tokens x {args.grad_accum_steps} accumulation "
+          f"x {args.world_size} process(es) = {tokens_per_step:,} tokens per step")
+    return n_params
+
+
+def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, device, rank,
+                     step, history):
+    """train() in every process, DDP keeping their models the same, with checkpoints written by
+    rank 0; then the processes leave together. Returns what train() returns."""
+    # 1 for characters
+    chars_per_token = len(tokenizer.decode(val_data.tolist())) / len(val_data)
+
+    def on_checkpoint(step, history):
+        # every process takes part
+        states = rng_states()
+        path = checkpoint_path(args)
+        if rank == 0:
+            save_checkpoint(path, model, optimizer, tokenizer, step, history, states)
+        return path
+
+    ddp_model = DDP(model) if args.world_size > 1 else model
+    result = train(ddp_model, optimizer, train_data, val_data, args, device, chars_per_token,
+                   step, history, on_checkpoint)
+    del ddp_model
+    # DDP keeps the process group in reference cycles: freed at exit instead, it can abort
+    gc.collect()
+    if dist.is_initialized():
+        # leave together: a process gone early can abort the others' teardown
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def print_samples(model, tokenizer, prompt, args, device, samplers):
-    """args.num_samples samples from each sampler, --batch-size at a time so that any number fits."""
+    """args.num_samples samples from each sampler, --batch-size at a time so that any number
+    fits."""
     for label, settings in samplers.items():
         for first in range(0, args.num_samples, args.batch_size):
-            context = torch.tensor([prompt] * min(args.batch_size, args.num_samples - first), device=device)
+            rows = min(args.batch_size, args.num_samples - first)
+            context = torch.tensor([prompt] * rows, device=device)
             for row in generate(model, context, args.max_new_tokens, **settings).tolist():
                 print(f"{'-' * 30} {label} {'-' * (49 - len(label))}")
                 print(tokenizer.decode(row))
 
 
 def main(argv=None):
-    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults("cpu"), add_flags, has_attention=True)
-    preset = args.preset or ("cpu" if select_device(args.device).type == "cpu" else "shakespeare")
-    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults(preset, args.init_from), add_flags,
-                      has_attention=True)
-    rank, world_size, device = setup_distributed(select_device(args.device))
-    if rank > 0:
-        sys.stdout = open(os.devnull, "w")  # one process speaks for all
-    torch.manual_seed(args.seed + rank)  # each process draws its own batches
-    args.world_size, args.dtype = world_size, resolve_dtype(args.dtype, device)
-    if args.init_from and args.tokenizer not in (None, "gpt2"):
-        raise UserError("GPT-2's weights go with GPT-2's tokens: use --tokenizer gpt2, the default with --init-from")
-    checkpoint_path = Path(args.out) / "ckpt.pt"
-
+    args, preset = parse_flags(argv)
+    rank, world_size, device = start_processes(args)
     if args.sample:
-        if args.init_from:
-            model, tokenizer = GPT.from_pretrained(args.init_from).eval(), TiktokenTokenizer("gpt2")
-        else:
-            model, tokenizer = load_checkpoint(checkpoint_path)
-        prompt = tokenizer.encode(args.prompt) if args.prompt else [0]
-        model.to(device)
-        if args.plot_attention:
-            report.plot_attention(model, tokenizer, torch.tensor(prompt), args.out)
-        print_samples(model, tokenizer, prompt, args, device, {"sample": dict(
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)})
+        sample_only(args, device)
         return
 
-    checkpoint = read_checkpoint(checkpoint_path) if args.resume else None
-    if checkpoint:
-        check_resumable(checkpoint, args, checkpoint_path)
-        args.tokenizer = checkpoint["tokenizer"].get("name", "char")
-    args.tokenizer = args.tokenizer or ("gpt2" if args.init_from else "char")
-    tokenizer, train_data, val_data = load_dataset(args.data, args.block_size, args.tokenizer)
-    if checkpoint and tokenizer.identity() != checkpoint["tokenizer"]:
-        raise UserError(f"{checkpoint_path} was trained on another text; resume with the same --data")
-    prompt = tokenizer.encode(args.prompt) if args.prompt else [0]  # checked before training
-    if checkpoint or args.init_from:  # weights already in memory, on the CPU
-        model = model_from_checkpoint(checkpoint, checkpoint_path) if checkpoint else \
-            GPT.from_pretrained(args.init_from, args.block_size, args.dropout)
-        check_memory(model, args, device)
-        model.to(device)
-    else:
-        model = build_model(lambda: GPT(replace(PRESETS[preset], vocab_size=tokenizer.vocab_size,
-                                                block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                                                n_embd=args.n_embd, dropout=args.dropout)), args, device)
+    checkpoint = read_checkpoint(checkpoint_path(args)) if args.resume else None
+    tokenizer, train_data, val_data = load_text(args, checkpoint)
+    # checked before training
+    prompt = tokenizer.encode(args.prompt) if args.prompt else [0]
+    model = make_model(args, preset, tokenizer, checkpoint, device)
     optimizer = configure_optimizer(model, args)
     step, history = 0, []
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, history = checkpoint["step"], checkpoint["history"]
         set_rng_state(checkpoint["rng_states"], rank, world_size)
-        print(f"resuming from step {step} of {checkpoint_path}")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params:,} parameters (every weight and bias; a tied wte/lm_head once), "
-          f"{tokenizer.vocab_size} tokens, on {device} in {args.dtype}; "
-          f"{'weights ' + args.init_from if args.init_from else 'preset ' + preset}")
-    print(f"{args.batch_size} x {args.block_size} tokens x {args.grad_accum_steps} accumulation x {world_size} "
-          f"process(es) = {args.batch_size * args.block_size * args.grad_accum_steps * world_size:,} tokens per step")
-    chars_per_token = len(tokenizer.decode(val_data.tolist())) / len(val_data)  # 1 for characters
+        print(f"resuming from step {step} of {checkpoint_path(args)}")
+    n_params = describe(model, tokenizer, args, device, preset)
 
-    def on_checkpoint(step, history):
-        states = rng_states()  # every process takes part
-        if rank == 0:
-            save_checkpoint(checkpoint_path, model, optimizer, tokenizer, step, history, states)
-        return checkpoint_path
-
-    ddp_model = DDP(model) if world_size > 1 else model
-    history, tokens_per_second, stopped_by = train(ddp_model, optimizer, train_data, val_data, args, device,
-                                                   chars_per_token, step, history, on_checkpoint)
-    del ddp_model
-    gc.collect()  # DDP keeps the process group in reference cycles: freed at exit instead, it can abort
-    if dist.is_initialized():
-        dist.barrier()  # leave together: a process gone early can abort the others' teardown
-        dist.destroy_process_group()
+    history, tokens_per_second, stopped_by = train_everywhere(
+        model, optimizer, tokenizer, train_data, val_data, args, device, rank, step, history)
     if rank > 0:
         return
-    if args.out and history:
+    if history:
         path = report.save_metrics(args.out, {
             "stage": __doc__.split(".py")[0], "config": vars(args), "parameters": n_params,
-            "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size, "device": str(device),
-            "history": history, "tokens_per_second": tokens_per_second, "train_loss": history[-1]["train"],
-            "val_loss": history[-1]["val"], "val_bpc": history[-1]["val_bpc"]})
+            "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size,
+            "device": str(device), "history": history, "tokens_per_second": tokens_per_second,
+            "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
+            "val_bpc": history[-1]["val_bpc"]})
         print(f"metrics written to {path}")
     if stopped_by == signal.SIGTERM:
-        return stopped_by  # the job is being stopped: no samples; run() exits with status 143
+        # the job is being stopped: no samples; run() exits with status 143
+        return stopped_by
     if args.plot_attention:
-        report.plot_attention(model, tokenizer, val_data[:32], args.out or ".")  # the val text's first tokens
+        # the val text's first tokens
+        report.plot_attention(model, tokenizer, val_data[:32], args.out)
 
     print_samples(model, tokenizer, prompt, args, device, {
         "greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
         "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)})
-    return stopped_by  # a run Ctrl-C cut short exits with status 130, after its samples
+    # a run Ctrl-C cut short exits with status 130, after its samples
+    return stopped_by
 
 
 if __name__ == "__main__":

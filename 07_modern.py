@@ -1,4 +1,5 @@
-"""07_modern.py: from GPT-2 to the architecture of today's open models, and loading one (Llama, Qwen3).
+"""07_modern.py: from GPT-2 to the architecture of today's open models, and loading one (Llama,
+Qwen3).
 
 New here, in the model, its optimizer and its weights only: rotary positions (RoPE), relative, so
 the KV cache slides with the window, never recomputed; RMSNorm; a SwiGLU MLP; grouped-query
@@ -8,7 +9,7 @@ updates of the block matrices orthogonal (why: configure_optimizer); --init-from
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
 Expect: val loss 1.57 after 420 steps of the cpu preset (1.56 on the whole val split), in 31 s of
 training where stage 05 took 34 s to reach 1.73; checkpoint in runs/07_modern/. A real model:
-        python 07_modern.py --init-from HuggingFaceTB/SmolLM2-135M --sample --prompt "ROMEO:" --top-p 0.9
+    python 07_modern.py --init-from HuggingFaceTB/SmolLM2-135M --sample --prompt ROMEO: --top-p 0.9
 """
 import gc
 import math
@@ -26,23 +27,31 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shared import UserError, remove_stale_temporary_files, report, temporary_file
+from shared import UserError, atomic_write, report
 from shared.cli import checked, nonempty, parse_args, run
-from shared.data import HuggingFaceTokenizer, from_hugging_face, get_batch, load_dataset, tokenizer_from_identity
+from shared.data import (
+    HuggingFaceTokenizer,
+    get_batch,
+    load_dataset,
+    pretrained_model,
+    tokenizer_from_identity,
+)
 from shared.device import all_reduce, build_model, check_memory, select_device, setup_distributed
 
 
-# %% Hyperparameters: the defaults of the flags (batch_size is --batch-size); in a notebook, edit them here
+# %% Hyperparameters: the flags' defaults (batch_size is --batch-size); edit them in a notebook
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # context length
     vocab_size: int = 50257  # GPT-2's byte-pair vocabulary
     n_layer: int = 12
     n_head: int = 12
-    n_kv_head: int = 0  # key/value heads, each shared by n_head / n_kv_head query heads (GQA); 0: n_head
+    # key/value heads, each shared by n_head / n_kv_head query heads (GQA); 0: n_head
+    n_kv_head: int = 0
     n_embd: int = 768
     head_dim: int = 0  # 0: n_embd / n_head; Qwen3-0.6B has 16 heads of 128 in a width of 1,024
-    hidden_dim: int = 0  # the MLP's inner width; 0: 8/3 n_embd, up to a multiple of 64 (GPT-2's 4x, in 3 matrices)
+    # the MLP's inner width; 0: 8/3 n_embd, up to a multiple of 64 (GPT-2's 4x, in 3 matrices)
+    hidden_dim: int = 0
     rope_theta: float = 10000.0  # the base of the rotary positions' wavelengths
     norm_eps: float = 1e-5
     qk_norm: bool = False  # an RMSNorm on every head's queries and keys, as in Qwen3
@@ -52,7 +61,8 @@ class GPTConfig:
 
 # Model shapes. vocab_size is set by the tokenizer at training time.
 PRESETS = {
-    "cpu": GPTConfig(block_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=128, qk_norm=True, tie_embeddings=False),
+    "cpu": GPTConfig(block_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=128, qk_norm=True,
+                     tie_embeddings=False),
     "shakespeare": GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
@@ -79,89 +89,128 @@ def flag_defaults(preset, init_from=None):
         return {**RECIPES["finetune"], "block_size": 1024, "dropout": 0.0}
     config = PRESETS[preset]
     return {**RECIPES["cpu" if preset == "cpu" else "gpu"], "block_size": config.block_size,
-            "n_embd": config.n_embd, "n_head": config.n_head, "n_kv_head": config.n_kv_head or config.n_head,
-            "n_layer": config.n_layer, "dropout": config.dropout}
+            "n_embd": config.n_embd, "n_head": config.n_head,
+            "n_kv_head": config.n_kv_head or config.n_head, "n_layer": config.n_layer,
+            "dropout": config.dropout}
 
 
 # %% The model
 
 class KVCache:
-    """The keys and values of the last block_size - 1 positions, per layer: one more token costs one
-    position's work. RoPE keeps a key's meaning wherever the window is: keys leaving it are dropped."""
+    """The keys and values of the last block_size - 1 positions, per layer: one more token costs
+    one position's work. RoPE keeps a key's meaning wherever the window is: keys leaving it are
+    dropped. position is where the next token goes: the number of positions seen, kept or not."""
 
-    def __init__(self, window):
-        self.keep = window - 1  # with the new position's own key, a query sees window positions
+    def __init__(self, window, n_layer):
+        # with the new position's own key, a query sees window positions
+        self.keep = window - 1
+        self.n_layer = n_layer
         self.keys, self.values = {}, {}
-        self.seen = 0
-
-    def __len__(self):
-        return self.seen  # positions seen so far, kept or not: where the next one is
+        self.position = 0
 
     def update(self, layer, k, v):
+        """The layer's keys and values, earlier ones first, with k and v (B, n_kv_head, T,
+        head_dim) of T new positions added; once the last layer has them, the cache moves on."""
+        new = k.size(2)
         if layer in self.keys:
             k = torch.cat((self.keys[layer], k), dim=2)
             v = torch.cat((self.values[layer], v), dim=2)
-        self.keys[layer], self.values[layer] = (t[:, :, max(0, t.size(2) - self.keep):] for t in (k, v))
+        start = max(0, k.size(2) - self.keep)
+        self.keys[layer] = k[:, :, start:]
+        self.values[layer] = v[:, :, start:]
+        if layer == self.n_layer - 1:
+            self.position += new
         return k, v
 
 
-def rotate(x, positions, theta):
-    """RoPE: channels i and i + head_dim/2 of x (B, heads, T, head_dim) turn by position / theta^(2i
-    / head_dim), so a query and a key meet at an angle set by how far apart they are, not where."""
+def rope_table(positions, head_dim, theta):
+    """RoPE's angles for the given positions, as cos and sin (T, head_dim) in float32: channels i
+    and i + head_dim/2 of a head turn by position / theta^(2i / head_dim), so that a query and a
+    key meet at an angle set by how far apart they are, not where. Made once a forward pass and
+    shared by every layer."""
+    channels = torch.arange(0, head_dim, 2, device=positions.device).float()
+    frequencies = 1.0 / theta ** (channels / head_dim)
+    angles = (positions[:, None].float() * frequencies).repeat(1, 2)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, rope):
+    """x (B, heads, T, head_dim) turned by rope_table's angles: each pair of channels i and
+    i + head_dim/2 as a point in a plane."""
+    cos, sin = rope
     half = x.size(-1) // 2
-    frequencies = 1.0 / theta ** (torch.arange(0, 2 * half, 2, device=x.device).float() / (2 * half))
-    angles = (positions[:, None].float() * frequencies).repeat(1, 2)  # (T, head_dim), in float32
     x1, x2 = x[..., :half], x[..., half:]
-    return x * angles.cos() + torch.cat((-x2, x1), dim=-1) * angles.sin()
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class CausalSelfAttention(nn.Module):
-    """All heads at once: q_proj, k_proj and v_proj make the queries, keys and values of every head."""
+    """All heads at once: q_proj, k_proj and v_proj make the queries, keys and values of every
+    head."""
 
     def __init__(self, config, layer):
         super().__init__()
         self.layer = layer
-        self.n_head, self.n_kv_head, self.theta = config.n_head, config.n_kv_head or config.n_head, config.rope_theta
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
         self.head_dim = config.head_dim or config.n_embd // config.n_head
+        self.theta = config.rope_theta
         self.window = config.block_size
         self.dropout = config.dropout
-        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)  # separate matrices, as
-        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)  # Muon orthogonalizes
-        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)  # each on its own
-        self.c_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)  # output projection
-        self.q_norm = nn.RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
+        # separate matrices, as Muon orthogonalizes each on its own
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        # output projection
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, config.norm_eps)
+        else:
+            self.q_norm = nn.Identity()
+            self.k_norm = nn.Identity()
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def heads(self, x, start=0):  # queries (B, n_head, T, head_dim), keys and values (B, n_kv_head, ...)
+    def heads(self, x, rope):
+        """Queries (B, n_head, T, head_dim), keys and values (B, n_kv_head, T, head_dim); the
+        queries and keys normed and rotated in float32."""
         B, T, _ = x.shape
-        positions = torch.arange(start, start + T, device=x.device)  # after the cached ones, if any
-        q, k, v = (proj(x).view(B, T, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = self.q_norm(q.float()).transpose(1, 2), self.k_norm(k.float()).transpose(1, 2)  # in float32
-        return rotate(q, positions, self.theta), rotate(k, positions, self.theta), v.transpose(1, 2)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        q = self.q_norm(q.float()).transpose(1, 2)
+        k = self.k_norm(k.float()).transpose(1, 2)
+        return rotate(q, rope), rotate(k, rope), v.transpose(1, 2)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, rope, cache=None):
         B, T, C = x.shape
-        q, k, v = self.heads(x, len(cache) if cache is not None else 0)
+        q, k, v = self.heads(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # prepend the earlier positions' keys and values
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") or k.size(2) > self.window:  # or a window
-            # on a CPU, PyTorch's fused kernel is slow in bfloat16 (forward and backward 2.7x slower
-            # than in float32, measured), while spelled out in bfloat16 products it is faster than both
+        bfloat16_on_cpu = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        # more keys than the window (a prompt longer than block_size): each query may see only
+        # the window before it, a mask the fused kernel can't take
+        if bfloat16_on_cpu or k.size(2) > self.window:
+            # on a CPU, PyTorch's fused kernel is slow in bfloat16 (forward and backward 2.7x
+            # slower than in float32, measured), while spelled out in bfloat16 products it is
+            # faster than both
             k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
-            y = F.dropout(causal_attention_weights(q, k, self.window), self.dropout, self.training) @ v
+            weights = causal_attention_weights(q, k, self.window)
+            y = F.dropout(weights, self.dropout, self.training) @ v
         else:
-            # the masked softmax of stage 04 in one fused kernel; new queries may see every cached key
+            # the masked softmax of stage 04 in one fused kernel; new queries may see every
+            # cached key
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.o_proj(y))
 
     def attention_weights(self, x):
         """The weights the fused kernel applies but never returns, for looking at
         (--plot-attention): (B, n_head, T, T)."""
-        q, k, _ = self.heads(x)
-        return causal_attention_weights(q, k.repeat_interleave(self.n_head // self.n_kv_head, dim=1), self.window)
+        positions = torch.arange(x.size(1), device=x.device)
+        q, k, _ = self.heads(x, rope_table(positions, self.head_dim, self.theta))
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        return causal_attention_weights(q, k, self.window)
 
 
 def causal_attention_weights(q, k, window):
@@ -170,7 +219,8 @@ def causal_attention_weights(q, k, window):
     no further back than the window."""
     T, S = q.size(-2), k.size(-2)
     scores = q @ k.transpose(-2, -1) * k.size(-1) ** -0.5
-    causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T).triu(S - T - window + 1)
+    causal = torch.ones(T, S, dtype=torch.bool, device=q.device)
+    causal = causal.tril(S - T).triu(S - T - window + 1)
     return F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
 
@@ -183,11 +233,11 @@ class MLP(nn.Module):
         hidden = config.hidden_dim or 64 * math.ceil(8 * config.n_embd / 3 / 64)
         self.up_proj = nn.Linear(config.n_embd, hidden, bias=False)
         self.gate_proj = nn.Linear(config.n_embd, hidden, bias=False)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
+        self.down_proj = nn.Linear(hidden, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -200,11 +250,26 @@ class Block(nn.Module):
         self.ln_2 = nn.RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, rope, cache=None):
         # the residual path x + ... carries the gradient straight down, so deep stacks still train
-        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.attn(self.ln_1(x), rope, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+def unsupported(hf):
+    """What a Llama or Qwen3 config asks for that this stage's model does not do; None if
+    nothing."""
+    rope = getattr(hf, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        return f"scales its RoPE ({rope['rope_type']})"
+    if getattr(hf, "use_sliding_window", False):
+        return "has sliding-window attention"
+    if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
+        return "has biases in its attention or MLP"
+    if hf.hidden_act != "silu":
+        return f"gates its MLP with {hf.hidden_act}, not SiLU"
+    return None
 
 
 class GPT(nn.Module):
@@ -213,6 +278,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.block_size = config.block_size
+        self.head_dim = config.head_dim or config.n_embd // config.n_head
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
@@ -222,9 +288,10 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
-        # the layers that write into the residual stream start at zero: every block starts as the identity
+        # the layers that write into the residual stream start at zero: every block starts as
+        # the identity
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.zeros_(p)
 
     def _init_weights(self, module):
@@ -236,11 +303,13 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         # idx and targets: (B, T) token ids; with a cache, idx holds only the positions after it
-        x = self.drop(self.wte(idx))  # (B, T, n_embd); positions come in each attention, by RoPE
+        start = cache.position if cache is not None else 0
+        positions = torch.arange(start, start + idx.size(1), device=idx.device)
+        # positions come in each attention, by RoPE: one table of angles for every layer
+        rope = rope_table(positions, self.head_dim, self.config.rope_theta)
+        x = self.drop(self.wte(idx))  # (B, T, n_embd)
         for block in self.h:
-            x = block(x, cache)
-        if cache is not None:
-            cache.seen += idx.size(1)
+            x = block(x, rope, cache)
         x = self.ln_f(x)  # (B, T, n_embd)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:
@@ -250,32 +319,41 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, block_size=None, dropout=0.0):
-        """A Llama or Qwen3 model with its weights, through Hugging Face transformers: a hub name (such
-        as HuggingFaceTB/SmolLM2-135M or Qwen/Qwen3-0.6B) or a folder written by save_pretrained. The shape comes
-        with the weights; block_size, if given, crops the context to its first positions."""
-        hf_model = from_hugging_face("AutoModelForCausalLM", name_or_path).eval()
+        """A Llama or Qwen3 model with its weights, through Hugging Face transformers: a hub name
+        (such as HuggingFaceTB/SmolLM2-135M or Qwen/Qwen3-0.6B) or a folder written by
+        save_pretrained. The shape comes with the weights; block_size, if given, crops the
+        context to its first positions."""
+        hf_model = pretrained_model(name_or_path, ["llama", "qwen3"])
         hf = hf_model.config
-        rope = getattr(hf, "rope_parameters", None) or {}  # transformers 5's name for theta and its scaling
-        if hf.model_type not in ("llama", "qwen3") or rope.get("rope_type") != "default" \
-                or getattr(hf, "use_sliding_window", False) or getattr(hf, "attention_bias", False):
-            raise UserError(f"{name_or_path!r} is a {hf.model_type} model with {rope.get('rope_type')} RoPE; this "
-                            "stage loads Llama and Qwen3 models with plain RoPE, full attention and no biases")
+        reason = unsupported(hf)
+        if reason:
+            raise UserError(f"{name_or_path!r} {reason}; this stage loads Llama and Qwen3 models "
+                            "with plain RoPE, full attention and no biases")
         if (block_size or 0) > hf.max_position_embeddings:
             raise UserError(f"--block-size {block_size} is longer than {name_or_path}'s context of "
                             f"{hf.max_position_embeddings} tokens")
-        model = cls(GPTConfig(block_size=block_size or hf.max_position_embeddings, vocab_size=hf.vocab_size,
-                              n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads,
-                              n_kv_head=hf.num_key_value_heads, n_embd=hf.hidden_size, head_dim=hf.head_dim,
-                              hidden_dim=hf.intermediate_size, rope_theta=rope["rope_theta"], norm_eps=hf.rms_norm_eps,
-                              qk_norm=hf.model_type == "qwen3", tie_embeddings=hf.tie_word_embeddings, dropout=dropout))
+        config = GPTConfig(block_size=block_size or hf.max_position_embeddings,
+                           vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers,
+                           n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads,
+                           n_embd=hf.hidden_size, head_dim=hf.head_dim,
+                           hidden_dim=hf.intermediate_size,
+                           rope_theta=hf.rope_parameters["rope_theta"], norm_eps=hf.rms_norm_eps,
+                           qk_norm=hf.model_type == "qwen3", tie_embeddings=hf.tie_word_embeddings,
+                           dropout=dropout)
+        model = cls(config)
         theirs = hf_model.state_dict()
-        renames = {"wte": "model.embed_tokens", "ln_f": "model.norm", "h": "model.layers", "attn": "self_attn",
-                   "ln_1": "input_layernorm", "ln_2": "post_attention_layernorm"}
+        # our module names and theirs: h.0.attn.q_proj is model.layers.0.self_attn.q_proj
+        renames = {"wte": "model.embed_tokens", "ln_f": "model.norm", "h": "model.layers",
+                   "attn": "self_attn", "ln_1": "input_layernorm",
+                   "ln_2": "post_attention_layernorm"}
         with torch.no_grad():
-            for name, p in model.named_parameters():  # a tied lm_head comes as wte, once
-                name = ".".join(renames.get(part, part) for part in name.split("."))  # h.0.attn: model.layers.0...
-                name = name.replace("attn.c_proj", "attn.o_proj").replace("mlp.c_proj", "mlp.down_proj")
-                p.copy_(theirs[name])
+            # a tied lm_head comes as wte, once
+            for name, p in model.named_parameters():
+                tensor = theirs[".".join(renames.get(part, part) for part in name.split("."))]
+                if tensor.shape != p.shape:
+                    raise UserError(f"{name_or_path!r} has {name} of shape {tuple(tensor.shape)}, "
+                                    f"where this stage's model has {tuple(p.shape)}")
+                p.copy_(tensor)
         return model
 
 
@@ -294,7 +372,8 @@ def estimate_loss(model, splits, args, device):
         batches = (get_batch(data, args.batch_size, args.block_size, device, generator)
                    for _ in range(args.eval_iters))
         loss = sum(model(x, y)[1].item() for x, y in batches) / args.eval_iters
-        losses[name] = all_reduce([loss])[0] / args.world_size  # the mean over every process's batches
+        # the mean over every process's batches
+        losses[name] = all_reduce([loss])[0] / args.world_size
     model.train(was_training)
     return losses
 
@@ -314,7 +393,8 @@ def check_finite(loss, step):
     """Stop at the first loss that is inf or NaN: the run has diverged, and what would follow
     (sampling, the metrics, the pictures) would only fail on it."""
     if not math.isfinite(loss):
-        raise UserError(f"the loss became {loss} at step {step}: training diverged; try a smaller --lr")
+        raise UserError(f"the loss became {loss} at step {step}: training diverged; "
+                        "try a smaller --lr")
 
 
 def resolve_dtype(name, device):
@@ -328,7 +408,8 @@ def resolve_dtype(name, device):
 def autocast(args, device):
     """Matrix products in args.dtype, with the weights, the optimizer and the numerically delicate
     ops (softmax, LayerNorm, the loss) kept in float32: mixed precision."""
-    return torch.autocast(device.type, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
+    dtype = getattr(torch, args.dtype)
+    return torch.autocast(device.type, dtype=dtype, enabled=args.dtype != "float32")
 
 
 class Optimizers:
@@ -360,16 +441,19 @@ def configure_optimizer(model, args):
     gradient: right for a map from vectors to vectors, not for an embedding table, a head or a gain.
     Sized as AdamW's updates are (match_rms_adamw), it shares their learning rate and schedule."""
     hidden = [p for name, p in model.named_parameters() if name.startswith("h.") and p.dim() == 2]
-    params = [p for p in model.parameters() if all(p is not h for h in hidden)]  # the rest, for AdamW
+    # the rest, for AdamW
+    params = [p for p in model.parameters() if all(p is not h for h in hidden)]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    muon = torch.optim.Muon(hidden, lr=args.lr, weight_decay=args.weight_decay, momentum=0.9,  # 0.95: worse here
+    # momentum 0.9: 0.95 was worse here
+    muon = torch.optim.Muon(hidden, lr=args.lr, weight_decay=args.weight_decay, momentum=0.9,
                             adjust_lr_fn="match_rms_adamw")
     return Optimizers(muon, torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99)))
 
 
 def learning_rate(step, args):
-    """Linear warm-up to lr, then a linear decay to 0 (measured: better with Muon than a cosine to lr / 10)."""
+    """Linear warm-up to lr, then a linear decay to 0 (measured: better with Muon than a cosine to
+    lr / 10)."""
     if step < args.warmup_iters:
         return args.lr * (step + 1) / args.warmup_iters
     progress = (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
@@ -379,7 +463,8 @@ def learning_rate(step, args):
 def train_step(model, optimizer, batches, args, step, scaler):
     """One optimizer step on the mean gradient of the batches (accumulated one after another)
     and, under DDP, of every process's batches; returns their mean loss. In float16 the scaler
-    scales the loss up, so that small gradients don't round to zero, and back down before the step."""
+    scales the loss up, so that small gradients don't round to zero, and back down before the
+    step."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, args)
     total = 0.0
@@ -389,7 +474,8 @@ def train_step(model, optimizer, batches, args, step, scaler):
         with nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
             with autocast(args, x.device):
                 _, loss = model(x, y)
-            scaler.scale(loss / len(batches)).backward()  # the mean over batches, as if one big batch
+            # the mean over batches, as if they were one big batch
+            scaler.scale(loss / len(batches)).backward()
         total += loss.item() / len(batches)
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -406,21 +492,25 @@ class StopOnSignal:
 
     def __enter__(self):
         self.received = None
-        self.handlers = {signum: signal.signal(signum, self.request) for signum in (signal.SIGINT, signal.SIGTERM)}
+        self.handlers = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.handlers[signum] = signal.signal(signum, self.request)
         return self
 
     def request(self, signum, frame):
         if self.received:
             raise KeyboardInterrupt
         self.received = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to stop at once)", flush=True)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step "
+              "(Ctrl-C again to stop at once)", flush=True)
 
     def __exit__(self, *exc):
         for signum, handler in self.handlers.items():
             signal.signal(signum, handler)
 
 
-def train(model, optimizer, train_data, val_data, args, device, chars_per_token, step, history, on_checkpoint):
+def train(model, optimizer, train_data, val_data, args, device, chars_per_token, step, history,
+          on_checkpoint):
     """AdamW on random batches, with loss estimates (and bits per character, which compares
     tokenizers) every eval_interval steps and a progress line at least every few seconds, from
     `step` on; on_checkpoint(step, history) saves the state after every evaluation and when a
@@ -434,7 +524,9 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
     eval_seconds = 0.0
     with StopOnSignal() as stop:
         while True:
-            if (step % args.eval_interval == 0 or step == args.max_iters) and (step > start_step or not history):
+            due = step % args.eval_interval == 0 or step == args.max_iters
+            # a resumed run has the evaluation of its first step already
+            if due and (step > start_step or not history):
                 eval_start = time.time()
                 with autocast(args, device):
                     losses = estimate_loss(raw_model, splits, args, device)
@@ -442,16 +534,20 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
                 eval_seconds += time.time() - eval_start
                 seconds = time.time() - start
                 bpc = losses["val"] / chars_per_token / math.log(2)
-                history.append({"step": step, "seconds": round(seconds, 3), **losses, "val_bpc": bpc})
-                print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                      f"val {bpc:.3f} bits/char" + progress(step, args, seconds, eval_seconds, start_step), flush=True)
+                record = {"step": step, "seconds": round(seconds, 3), **losses, "val_bpc": bpc}
+                history.append(record)
+                print(f"step {step}: train loss {losses['train']:.4f}, "
+                      f"val loss {losses['val']:.4f}, val {bpc:.3f} bits/char"
+                      + progress(step, args, seconds, eval_seconds, start_step), flush=True)
                 on_checkpoint(step, history)
                 last_print = time.time()
             if step >= args.max_iters:
                 break
-            if all_reduce([bool(stop.received)], dist.ReduceOp.MAX)[0]:  # every process stops together
-                print(f"stopped at step {step}; saved to {on_checkpoint(step, history)}: run the same "
-                      "command with --resume to go on", flush=True)
+            # every process stops together
+            if all_reduce([bool(stop.received)], dist.ReduceOp.MAX)[0]:
+                path = on_checkpoint(step, history)
+                print(f"stopped at step {step}; saved to {path}: run the same command with "
+                      "--resume to go on", flush=True)
                 break
             batches = [get_batch(train_data, args.batch_size, args.block_size, device)
                        for _ in range(args.grad_accum_steps)]
@@ -459,11 +555,13 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
             step += 1
             check_finite(all_reduce([loss])[0], step)
             if time.time() - last_print > 5:
+                seconds = time.time() - start
                 print(f"step {step}: batch loss {loss:.4f}"
-                      + progress(step, args, time.time() - start, eval_seconds, start_step), flush=True)
+                      + progress(step, args, seconds, eval_seconds, start_step), flush=True)
                 last_print = time.time()
     seconds = time.time() - start
-    tokens = (step - start_step) * args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
+    tokens = (step - start_step) * tokens_per_step
     return history, tokens / max(seconds - eval_seconds, 1e-9), stop.received
 
 
@@ -473,8 +571,10 @@ STAGE = __doc__.split(".py")[0]  # checkpoints say which stage wrote them
 def rng_states():
     """Every process's random state, which decides its next batches (the data position) and its
     dropout masks: a list with one entry per process."""
-    state = {"cpu": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)}
+    cuda = torch.empty(0, dtype=torch.uint8)
+    if torch.cuda.is_available():
+        cuda = torch.cuda.get_rng_state()
+    state = {"cpu": torch.get_rng_state(), "cuda": cuda}
     if not dist.is_initialized():
         return [state]
     states = [None] * dist.get_world_size()
@@ -493,27 +593,17 @@ def set_rng_state(states, rank, world_size):
 
 def save_checkpoint(path, model, optimizer, tokenizer, step, history, rng_states):
     """Everything a run needs to go on where it stopped, as plain tensors, numbers and strings
-    (so it loads with weights_only=True). Written to a temporary file, flushed to the disk and
-    renamed into place, so a crash mid-write leaves the previous checkpoint as it was."""
+    (so it loads with weights_only=True), written atomically: a crash mid-write leaves the
+    previous checkpoint as it was."""
     checkpoint = {"stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "config": asdict(model.config), "tokenizer": tokenizer.identity(), "step": step,
                   "history": history, "rng_states": rng_states}
-    path, tmp = Path(path), None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporary_files(path)  # what a killed run left
-        fd, tmp = temporary_file(path)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # on the disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
     except OSError as err:
-        raise UserError(f"could not write the checkpoint {path} ({err.strerror or err}); the previous "
-                        "one, if any, is intact") from None
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
+        raise UserError(f"could not write the checkpoint {path} ({err.strerror or err}); "
+                        "the previous one, if any, is intact") from None
 
 
 def read_checkpoint(path):
@@ -525,10 +615,11 @@ def read_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); it may be truncated "
-                        "or from elsewhere") from None
+        raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
+                        "it may be truncated or from elsewhere") from None
     keys = {"stage", "model", "optimizer", "config", "tokenizer", "step", "history", "rng_states"}
-    if not isinstance(checkpoint, dict) or checkpoint.get("stage") != STAGE or set(checkpoint) != keys:
+    ours = isinstance(checkpoint, dict) and checkpoint.get("stage") == STAGE
+    if not ours or set(checkpoint) != keys:
         raise UserError(f"{path} is not a checkpoint written by this version of {STAGE}.py")
     return checkpoint
 
@@ -538,8 +629,8 @@ def model_from_checkpoint(checkpoint, path):
         model = GPT(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
     except (TypeError, RuntimeError) as err:
-        raise UserError(f"the weights in {path} don't fit its config ({type(err).__name__}); it was altered "
-                        f"or written by another version of {STAGE}.py") from None
+        raise UserError(f"the weights in {path} don't fit its config ({type(err).__name__}); "
+                        f"it was altered or written by another version of {STAGE}.py") from None
     if not all(torch.isfinite(t).all() for t in checkpoint["model"].values()):
         raise UserError(f"the weights in {path} are not all finite numbers; it was altered")
     return model
@@ -557,7 +648,8 @@ def check_resumable(checkpoint, args, path):
 def load_checkpoint(path):
     """The model (on the CPU, in eval mode) and tokenizer saved in a checkpoint file."""
     checkpoint = read_checkpoint(path)
-    return model_from_checkpoint(checkpoint, path).eval(), tokenizer_from_identity(checkpoint["tokenizer"])
+    model = model_from_checkpoint(checkpoint, path).eval()
+    return model, tokenizer_from_identity(checkpoint["tokenizer"])
 
 
 # %% Sampling
@@ -591,7 +683,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0:
         return greedy(logits)
     # the top logit at 0, and no temperature below what the dtype can divide by: never inf - inf
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -600,7 +693,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
+             use_cache=True):
     """Extend each row of idx, a (B, T) tensor of token ids, by max_new_tokens tokens. The model
     reads, at every position, that position and the block_size - 1 before it: a window moving on
     with each token. With the KV cache each step feeds only the newest token, and keys that leave
@@ -612,7 +706,7 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
         if use_cache and cache is not None:
             logits, _ = model(idx[:, -1:], cache=cache)  # (B, 1, vocab_size)
         else:
-            cache = KVCache(model.block_size) if use_cache else None
+            cache = KVCache(model.block_size, len(model.h)) if use_cache else None
             logits, _ = model(idx, cache=cache)  # (B, T, vocab_size)
         idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
         idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
@@ -627,127 +721,206 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 
 # %% Train, then sample
 def add_flags(parser):
-    parser.set_defaults(out=f"runs/{STAGE}")  # unlike stages 01-05, always keep the checkpoint
+    # unlike stages 01-05, always keep the checkpoint
+    parser.set_defaults(out=f"runs/{STAGE}")
     parser.add_argument("--preset", choices=PRESETS, help="model shape and recipe "
                         "(default: cpu on a CPU, shakespeare on a GPU)")
-    parser.add_argument("--init-from", type=nonempty("a model"), metavar="NAME|DIR", help="start from a Llama or "
-                        "Qwen3 model: a Hugging Face hub name or a save_pretrained folder (needs transformers)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="autocast precision for training; auto: bfloat16 where the hardware has it")
-    parser.add_argument("--tokenizer", help="char, a tiktoken encoding such as gpt2, or a Hugging Face tokenizer "
-                        "(default: char; with --init-from, the model's own)")
-    parser.add_argument("--resume", action="store_true", help="go on training from the checkpoint in --out")
-    parser.add_argument("--sample", action="store_true", help="only sample, from --out or --init-from")
+    parser.add_argument("--init-from", type=nonempty("a model"), metavar="NAME|DIR",
+                        help="start from a Llama or Qwen3 model: a Hugging Face hub name or a "
+                        "save_pretrained folder (needs transformers)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                        default="auto", help="autocast precision for training; "
+                        "auto: bfloat16 where the hardware has it")
+    parser.add_argument("--tokenizer", help="char, a tiktoken encoding such as gpt2, or a Hugging "
+                        "Face tokenizer (default: char; with --init-from, the model's own)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on training from the checkpoint in --out")
+    parser.add_argument("--sample", action="store_true",
+                        help="only sample, from --out or --init-from")
     parser.add_argument("--prompt", type=nonempty("some text"), help="text the samples start from")
-    parser.add_argument("--num-samples", type=checked("num_samples", int), default=1, help="samples per sampler")
-    parser.add_argument("--temperature", type=checked("temperature", float), default=1.0, help="0: greedy")
-    parser.add_argument("--top-k", type=checked("top_k", int), help="sample from the k likeliest tokens")
-    parser.add_argument("--top-p", type=checked("top_p", float), help="sample from the nucleus of mass p")
+    parser.add_argument("--num-samples", type=checked("num_samples", int), default=1,
+                        help="samples per sampler")
+    parser.add_argument("--temperature", type=checked("temperature", float), default=1.0,
+                        help="0: greedy")
+    parser.add_argument("--top-k", type=checked("top_k", int),
+                        help="sample from the k likeliest tokens")
+    parser.add_argument("--top-p", type=checked("top_p", float),
+                        help="sample from the nucleus of mass p")
+
+
+def parse_flags(argv):
+    """The flags, over the defaults of the preset they name (or of the device's), and the preset."""
+    description = __doc__.split("\n\n")[0]
+    args = parse_args(argv, description, flag_defaults("cpu"), add_flags, has_attention=True)
+    preset = args.preset or ("cpu" if select_device(args.device).type == "cpu" else "shakespeare")
+    defaults = flag_defaults(preset, args.init_from)
+    args = parse_args(argv, description, defaults, add_flags, has_attention=True)
+    if args.init_from and args.tokenizer not in (None, args.init_from):
+        raise UserError("a model's weights go with its own tokenizer: "
+                        "leave out --tokenizer with --init-from")
+    return args, preset
+
+
+def checkpoint_path(args):
+    return Path(args.out) / "ckpt.pt"
+
+
+def start_processes(args):
+    """This process's rank, the number of processes (1 without torchrun) and its device."""
+    rank, world_size, device = setup_distributed(select_device(args.device))
+    if rank > 0:
+        # one process speaks for all
+        sys.stdout = open(os.devnull, "w")
+    # each process draws its own batches
+    torch.manual_seed(args.seed + rank)
+    args.world_size = world_size
+    args.dtype = resolve_dtype(args.dtype, device)
+    return rank, world_size, device
+
+
+def sample_only(args, device):
+    """--sample: samples with the sampler flags, from the checkpoint or from --init-from."""
+    if args.init_from:
+        model = GPT.from_pretrained(args.init_from)
+        tokenizer = HuggingFaceTokenizer(args.init_from)
+    else:
+        model, tokenizer = load_checkpoint(checkpoint_path(args))
+    prompt = tokenizer.encode(args.prompt) if args.prompt else [0]
+    model.eval().to(device)
+    if args.plot_attention:
+        report.plot_attention(model, tokenizer, torch.tensor(prompt), args.out)
+    sampler = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    print_samples(model, tokenizer, prompt, args, device, {"sample": sampler})
+
+
+def load_text(args, checkpoint):
+    """The tokenizer and the train and val tokens: those the checkpoint was trained on when
+    resuming, checked against it."""
+    if checkpoint:
+        check_resumable(checkpoint, args, checkpoint_path(args))
+        args.tokenizer = checkpoint["tokenizer"].get("name", "char")
+    args.tokenizer = args.tokenizer or args.init_from or "char"
+    tokenizer, train_data, val_data = load_dataset(args.data, args.block_size, args.tokenizer)
+    if checkpoint and tokenizer.identity() != checkpoint["tokenizer"]:
+        raise UserError(f"{checkpoint_path(args)} was trained on another text; "
+                        "resume with the same --data")
+    return tokenizer, train_data, val_data
+
+
+def make_model(args, preset, tokenizer, checkpoint, device):
+    """The model on the device: the checkpoint's, pretrained weights, or a new one of the preset's
+    shape with the flags' sizes; each checked first to fit in the device's memory."""
+    if checkpoint or args.init_from:
+        # weights already in memory, on the CPU
+        if checkpoint:
+            model = model_from_checkpoint(checkpoint, checkpoint_path(args))
+        else:
+            model = GPT.from_pretrained(args.init_from, args.block_size, args.dropout)
+        check_memory(model, args, device)
+        return model.to(device)
+    config = replace(PRESETS[preset], vocab_size=tokenizer.vocab_size, block_size=args.block_size,
+                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                     n_kv_head=args.n_kv_head, dropout=args.dropout)
+    return build_model(lambda: GPT(config), args, device)
+
+
+def describe(model, tokenizer, args, device, preset):
+    """Print what is trained, where, and on how many tokens a step; return the parameter count."""
+    n_params = sum(p.numel() for p in model.parameters())
+    source = f"weights {args.init_from}" if args.init_from else f"preset {preset}"
+    print(f"{n_params:,} parameters (every weight and bias; a tied head counted once), "
+          f"{tokenizer.vocab_size} tokens, on {device} in {args.dtype}; {source}")
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
+    print(f"{args.batch_size} x {args.block_size} tokens x {args.grad_accum_steps} accumulation "
+          f"x {args.world_size} process(es) = {tokens_per_step:,} tokens per step")
+    return n_params
+
+
+def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, device, rank,
+                     step, history):
+    """train() in every process, DDP keeping their models the same, with checkpoints written by
+    rank 0; then the processes leave together. Returns what train() returns."""
+    # 1 for characters
+    chars_per_token = len(tokenizer.decode(val_data.tolist())) / len(val_data)
+
+    def on_checkpoint(step, history):
+        # every process takes part
+        states = rng_states()
+        path = checkpoint_path(args)
+        if rank == 0:
+            save_checkpoint(path, model, optimizer, tokenizer, step, history, states)
+        return path
+
+    ddp_model = DDP(model) if args.world_size > 1 else model
+    result = train(ddp_model, optimizer, train_data, val_data, args, device, chars_per_token,
+                   step, history, on_checkpoint)
+    del ddp_model
+    # DDP keeps the process group in reference cycles: freed at exit instead, it can abort
+    gc.collect()
+    if dist.is_initialized():
+        # leave together: a process gone early can abort the others' teardown
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def print_samples(model, tokenizer, prompt, args, device, samplers):
-    """args.num_samples samples from each sampler, --batch-size at a time so that any number fits."""
+    """args.num_samples samples from each sampler, --batch-size at a time so that any number
+    fits."""
     for label, settings in samplers.items():
         for first in range(0, args.num_samples, args.batch_size):
-            context = torch.tensor([prompt] * min(args.batch_size, args.num_samples - first), device=device)
+            rows = min(args.batch_size, args.num_samples - first)
+            context = torch.tensor([prompt] * rows, device=device)
             for row in generate(model, context, args.max_new_tokens, **settings).tolist():
                 print(f"{'-' * 30} {label} {'-' * (49 - len(label))}")
                 print(tokenizer.decode(row))
 
 
 def main(argv=None):
-    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults("cpu"), add_flags, has_attention=True)
-    preset = args.preset or ("cpu" if select_device(args.device).type == "cpu" else "shakespeare")
-    args = parse_args(argv, __doc__.split("\n\n")[0], flag_defaults(preset, args.init_from), add_flags,
-                      has_attention=True)
-    rank, world_size, device = setup_distributed(select_device(args.device))
-    if rank > 0:
-        sys.stdout = open(os.devnull, "w")  # one process speaks for all
-    torch.manual_seed(args.seed + rank)  # each process draws its own batches
-    args.world_size, args.dtype = world_size, resolve_dtype(args.dtype, device)
-    if args.init_from and args.tokenizer not in (None, args.init_from):
-        raise UserError("a model's weights go with its own tokenizer: leave out --tokenizer with --init-from")
-    checkpoint_path = Path(args.out) / "ckpt.pt"
-
+    args, preset = parse_flags(argv)
+    rank, world_size, device = start_processes(args)
     if args.sample:
-        if args.init_from:
-            model, tokenizer = GPT.from_pretrained(args.init_from).eval(), HuggingFaceTokenizer(args.init_from)
-        else:
-            model, tokenizer = load_checkpoint(checkpoint_path)
-        prompt = tokenizer.encode(args.prompt) if args.prompt else [0]
-        model.to(device)
-        if args.plot_attention:
-            report.plot_attention(model, tokenizer, torch.tensor(prompt), args.out)
-        print_samples(model, tokenizer, prompt, args, device, {"sample": dict(
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)})
+        sample_only(args, device)
         return
 
-    checkpoint = read_checkpoint(checkpoint_path) if args.resume else None
-    if checkpoint:
-        check_resumable(checkpoint, args, checkpoint_path)
-        args.tokenizer = checkpoint["tokenizer"].get("name", "char")
-    args.tokenizer = args.tokenizer or args.init_from or "char"
-    tokenizer, train_data, val_data = load_dataset(args.data, args.block_size, args.tokenizer)
-    if checkpoint and tokenizer.identity() != checkpoint["tokenizer"]:
-        raise UserError(f"{checkpoint_path} was trained on another text; resume with the same --data")
-    prompt = tokenizer.encode(args.prompt) if args.prompt else [0]  # checked before training
-    if checkpoint or args.init_from:  # weights already in memory, on the CPU
-        model = model_from_checkpoint(checkpoint, checkpoint_path) if checkpoint else \
-            GPT.from_pretrained(args.init_from, args.block_size, args.dropout)
-        check_memory(model, args, device)
-        model.to(device)
-    else:
-        model = build_model(lambda: GPT(replace(PRESETS[preset], vocab_size=tokenizer.vocab_size,
-                                                block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                                                n_embd=args.n_embd, n_kv_head=args.n_kv_head, dropout=args.dropout)),
-                            args, device)
+    checkpoint = read_checkpoint(checkpoint_path(args)) if args.resume else None
+    tokenizer, train_data, val_data = load_text(args, checkpoint)
+    # checked before training
+    prompt = tokenizer.encode(args.prompt) if args.prompt else [0]
+    model = make_model(args, preset, tokenizer, checkpoint, device)
     optimizer = configure_optimizer(model, args)
     step, history = 0, []
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, history = checkpoint["step"], checkpoint["history"]
         set_rng_state(checkpoint["rng_states"], rank, world_size)
-        print(f"resuming from step {step} of {checkpoint_path}")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params:,} parameters (every weight and bias; a tied wte/lm_head once), "
-          f"{tokenizer.vocab_size} tokens, on {device} in {args.dtype}; "
-          f"{'weights ' + args.init_from if args.init_from else 'preset ' + preset}")
-    print(f"{args.batch_size} x {args.block_size} tokens x {args.grad_accum_steps} accumulation x {world_size} "
-          f"process(es) = {args.batch_size * args.block_size * args.grad_accum_steps * world_size:,} tokens per step")
-    chars_per_token = len(tokenizer.decode(val_data.tolist())) / len(val_data)  # 1 for characters
+        print(f"resuming from step {step} of {checkpoint_path(args)}")
+    n_params = describe(model, tokenizer, args, device, preset)
 
-    def on_checkpoint(step, history):
-        states = rng_states()  # every process takes part
-        if rank == 0:
-            save_checkpoint(checkpoint_path, model, optimizer, tokenizer, step, history, states)
-        return checkpoint_path
-
-    ddp_model = DDP(model) if world_size > 1 else model
-    history, tokens_per_second, stopped_by = train(ddp_model, optimizer, train_data, val_data, args, device,
-                                                   chars_per_token, step, history, on_checkpoint)
-    del ddp_model
-    gc.collect()  # DDP keeps the process group in reference cycles: freed at exit instead, it can abort
-    if dist.is_initialized():
-        dist.barrier()  # leave together: a process gone early can abort the others' teardown
-        dist.destroy_process_group()
+    history, tokens_per_second, stopped_by = train_everywhere(
+        model, optimizer, tokenizer, train_data, val_data, args, device, rank, step, history)
     if rank > 0:
         return
-    if args.out and history:
+    if history:
         path = report.save_metrics(args.out, {
             "stage": __doc__.split(".py")[0], "config": vars(args), "parameters": n_params,
-            "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size, "device": str(device),
-            "history": history, "tokens_per_second": tokens_per_second, "train_loss": history[-1]["train"],
-            "val_loss": history[-1]["val"], "val_bpc": history[-1]["val_bpc"]})
+            "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size,
+            "device": str(device), "history": history, "tokens_per_second": tokens_per_second,
+            "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
+            "val_bpc": history[-1]["val_bpc"]})
         print(f"metrics written to {path}")
     if stopped_by == signal.SIGTERM:
-        return stopped_by  # the job is being stopped: no samples; run() exits with status 143
+        # the job is being stopped: no samples; run() exits with status 143
+        return stopped_by
     if args.plot_attention:
-        report.plot_attention(model, tokenizer, val_data[:32], args.out or ".")  # the val text's first tokens
+        # the val text's first tokens
+        report.plot_attention(model, tokenizer, val_data[:32], args.out)
 
     print_samples(model, tokenizer, prompt, args, device, {
         "greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
         "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)})
-    return stopped_by  # a run Ctrl-C cut short exits with status 130, after its samples
+    # a run Ctrl-C cut short exits with status 130, after its samples
+    return stopped_by
 
 
 if __name__ == "__main__":
