@@ -39,8 +39,8 @@ PARTS = ["speed", "generation", "dtype", "modern", "ablations"]
 
 def child(*args):
     """Run this script's --child mode in a fresh process and return what it prints (JSON)."""
-    out = subprocess.run([sys.executable, __file__, "--child", *args], cwd=ROOT, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, __file__, "--child", *args], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -52,7 +52,8 @@ def peak_memory_mb(device):
     import torch
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    # KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
@@ -73,21 +74,24 @@ def measure_training(dtypes, rounds, steps=10):
     for dtype in dtypes:
         args = types.SimpleNamespace(**defaults, dtype=gpt.resolve_dtype(dtype, device))
         torch.manual_seed(1337)
-        model = gpt.GPT(dataclasses.replace(gpt.PRESETS[preset], vocab_size=tokenizer.vocab_size)).to(device)
-        runs[dtype] = dict(args=args, model=model, optimizer=gpt.configure_optimizer(model, args), step=0,
-                           scaler=torch.amp.GradScaler(enabled=False), best=float("inf"))
+        model = gpt.GPT(dataclasses.replace(gpt.PRESETS[preset],
+                                            vocab_size=tokenizer.vocab_size)).to(device)
+        runs[dtype] = dict(args=args, model=model, optimizer=gpt.configure_optimizer(model, args),
+                           step=0, scaler=torch.amp.GradScaler(enabled=False), best=float("inf"))
     for round_ in range(rounds + 1):  # round 0 warms up
         for run in runs.values():
             args, start = run["args"], time.time()
             for _ in range(steps):
                 batch = get_batch(train_data, args.batch_size, args.block_size, device)
-                gpt.train_step(run["model"], run["optimizer"], [batch], args, run["step"], run["scaler"])
+                gpt.train_step(run["model"], run["optimizer"], [batch], args, run["step"],
+                               run["scaler"])
                 run["step"] += 1
             if round_:
                 run["best"] = min(run["best"], (time.time() - start) / steps)
     return {"preset": preset, "peak_memory_mb": peak_memory_mb(device), **{
-        dtype: {"dtype": run["args"].dtype, "tokens_per_second": defaults["batch_size"] * defaults["block_size"]
-                / run["best"]} for dtype, run in runs.items()}}
+        dtype: {"dtype": run["args"].dtype,
+                "tokens_per_second": defaults["batch_size"] * defaults["block_size"] / run["best"]}
+        for dtype, run in runs.items()}}
 
 
 def measure_generation(new_tokens=500, rounds=3):
@@ -98,8 +102,10 @@ def measure_generation(new_tokens=500, rounds=3):
     from shared.device import select_device
     device = select_device("auto")
     torch.manual_seed(1337)
-    model = gpt.GPT(dataclasses.replace(gpt.PRESETS["shakespeare"], vocab_size=65)).to(device).eval()
-    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)  # speed doesn't depend on the weights
+    model = gpt.GPT(dataclasses.replace(gpt.PRESETS["shakespeare"],
+                                        vocab_size=65)).to(device).eval()
+    # speed doesn't depend on the weights
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     best = {"cached": 0.0, "uncached": 0.0}
     for use_cache in (True, False):
         gpt.generate(model, prompt, 20, use_cache=use_cache)  # warm-up
@@ -117,7 +123,8 @@ def command(name, *flags):
     command's wall time, and the folder it wrote into (under the system's temporary folder)."""
     out = tempfile.mkdtemp(prefix="bench-")
     start = time.time()
-    subprocess.run([sys.executable, f"{name}.py", "--out", out, *flags], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, f"{name}.py", "--out", out, *flags], cwd=ROOT, check=True,
+                   capture_output=True)
     wall = time.time() - start
     return json.loads((Path(out) / "metrics.json").read_text()), wall, out
 
@@ -130,7 +137,8 @@ def full_validation_loss(model, val_data, block_size):
     from shared.device import select_device
     args = types.SimpleNamespace(dtype=gpt.resolve_dtype("auto", select_device("cpu")))
     n = (len(val_data) - 1) // block_size
-    x, y = val_data[:n * block_size].view(n, block_size), val_data[1:n * block_size + 1].view(n, block_size)
+    x, y = (val_data[:n * block_size].view(n, block_size),
+            val_data[1:n * block_size + 1].view(n, block_size))
     with torch.no_grad(), gpt.autocast(args, torch.device("cpu")):
         return sum(model.eval()(x[i:i + 256], y[i:i + 256])[1].item() * len(x[i:i + 256])
                    for i in range(0, n, 256)) / n
@@ -144,7 +152,7 @@ def checkpoint_loss(name, folder):
     return full_validation_loss(model, val_data, model.block_size)
 
 
-# ----------------------------------------------------------------------------- ablations of stage 07
+# ---------------------------------------------------------------------------- ablations of stage 07
 
 def learned_positions(m):
     """GPT-2's learned position table added to the token embedding; queries and keys not rotated."""
@@ -224,8 +232,8 @@ ABLATIONS = {  # name: (how the model or recipe changes, extra flags)
     "no GQA: 4 key/value heads": (None, ["--n-kv-head", "4"]),
     "no QK-norm": (lambda m: setattr(m, "PRESETS", {**m.PRESETS, "cpu": dataclasses.replace(
         m.PRESETS["cpu"], qk_norm=False)}), []),
-    "head tied to the embedding": (lambda m: setattr(m, "PRESETS", {**m.PRESETS, "cpu": dataclasses.replace(
-        m.PRESETS["cpu"], tie_embeddings=True)}), []),
+    "head tied to the embedding": (lambda m: setattr(m, "PRESETS", {
+        **m.PRESETS, "cpu": dataclasses.replace(m.PRESETS["cpu"], tie_embeddings=True)}), []),
     "AdamW instead of Muon": (adamw_only, []),
     "GPT-2's init of the output projections": (gpt2_init, []),
     "GPT-2's schedule, cosine to lr/10": (cosine_schedule, []),
@@ -250,8 +258,8 @@ def measure_step_times(names, rounds=6, steps=8):
     steppers = {}
     for name in names:
         m, flags = ablated(name)
-        args = m.parse_args([*flags, "--out", tempfile.mkdtemp(prefix="bench-")], "", m.flag_defaults("cpu"),
-                            m.add_flags, has_attention=True)
+        args = m.parse_args([*flags, "--out", tempfile.mkdtemp(prefix="bench-")], "",
+                            m.flag_defaults("cpu"), m.add_flags, has_attention=True)
         args.dtype, args.world_size = m.resolve_dtype(args.dtype, torch.device("cpu")), 1
         torch.manual_seed(0)
         model = m.GPT(dataclasses.replace(m.PRESETS["cpu"], vocab_size=tokenizer.vocab_size,
@@ -283,15 +291,16 @@ def run_ablation(name, max_iters):
     m, flags = ablated(name)
     out = tempfile.mkdtemp(prefix="bench-")
     with contextlib.redirect_stdout(io.StringIO()):
-        m.main(["--max-iters", str(max_iters), "--eval-interval", str(max_iters), "--max-new-tokens", "0",
-                "--out", out, *flags])
+        m.main(["--max-iters", str(max_iters), "--eval-interval", str(max_iters),
+                "--max-new-tokens", "0", "--out", out, *flags])
     metrics = json.loads((Path(out) / "metrics.json").read_text())
     return {"val": metrics["val_loss"], "full": checkpoint_loss("07_modern", out)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="*", help=f"what to measure: some of {', '.join(PARTS)} (default: all)")
+    parser.add_argument("parts", nargs="*",
+                        help=f"what to measure: some of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if set(args.parts) - set(PARTS):
@@ -299,7 +308,8 @@ def main():
     if args.child:
         kind, *rest = args.child
         results = {"speed": lambda: measure_training(rest, rounds=8),
-                   "memory": lambda: measure_training(rest, rounds=1),  # one dtype alone in its process
+                   # one dtype alone in its process
+                   "memory": lambda: measure_training(rest, rounds=1),
                    "generate": measure_generation,
                    "steptimes": lambda: measure_step_times(rest),
                    "ablation": lambda: run_ablation(rest[0], int(rest[1])),
@@ -311,7 +321,8 @@ def main():
 
     from shared.device import machine
     parts = args.parts or PARTS
-    print(f"machine: {machine('cpu')}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
+    print(f"machine: {machine('cpu')}, "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
           f"Python {platform.python_version()}, PyTorch {torch.__version__}\n")
 
     if "speed" in parts:
@@ -319,10 +330,12 @@ def main():
         fp32, default = speed["float32"], speed["auto"]
         memory = {dtype: child("memory", dtype)["peak_memory_mb"] for dtype in ("float32", "auto")}
         print(f"training, preset {speed['preset']} | tokens/s | peak memory")
-        print(f"  float32 eager             | {fp32['tokens_per_second']:9,.0f} | {memory['float32']:,.0f} MB")
-        print(f"  {'default path (' + default['dtype'] + ')':<26}| {default['tokens_per_second']:9,.0f} | "
-              f"{memory['auto']:,.0f} MB")
-        print(f"  ratio                     | {default['tokens_per_second'] / fp32['tokens_per_second']:8.2f}x\n")
+        print("  float32 eager             | "
+              f"{fp32['tokens_per_second']:9,.0f} | {memory['float32']:,.0f} MB")
+        print(f"  {'default path (' + default['dtype'] + ')':<26}| "
+              f"{default['tokens_per_second']:9,.0f} | {memory['auto']:,.0f} MB")
+        print("  ratio                     | "
+              f"{default['tokens_per_second'] / fp32['tokens_per_second']:8.2f}x\n")
 
     if "generation" in parts:
         gen = child("generate")
@@ -336,22 +349,27 @@ def main():
                 "float32": command("05_gpt", "--max-new-tokens", "0", "--dtype", "float32")}
         print("python 05_gpt.py: validation loss by step (default path against --dtype float32)")
         print_curves(runs)
-        print(f"\nwhole command, startup and evaluations included: default {runs['default'][1]:.0f} s, "
-              f"float32 {runs['float32'][1]:.0f} s\n")
+        print("\nwhole command, startup and evaluations included: "
+              f"default {runs['default'][1]:.0f} s, float32 {runs['float32'][1]:.0f} s\n")
 
     if "modern" in parts:
         runs = {"05_gpt": command("05_gpt"), "07_modern": command("07_modern")}
-        full = {"05_gpt": child("loss", "06_train_for_real", command("06_train_for_real")[2])["full"],
-                "07_modern": child("loss", "07_modern", runs["07_modern"][2])["full"]}  # 06 trains as 05 does
+        # 06 trains as 05 does
+        full = {"05_gpt": child("loss", "06_train_for_real",
+                                command("06_train_for_real")[2])["full"],
+                "07_modern": child("loss", "07_modern", runs["07_modern"][2])["full"]}
         print("python 05_gpt.py and python 07_modern.py, each with its defaults")
         for name, (metrics, wall, _) in runs.items():
             print(f"  {name}: the whole command {wall:.0f} s (training and evaluations "
-                  f"{metrics['history'][-1]['seconds']:.0f} s, then four samples); val loss "
-                  f"{metrics['val_loss']:.4f} as printed, {full[name]:.4f} on the whole validation split")
+                  f"{metrics['history'][-1]['seconds']:.0f} s, then four samples); "
+                  f"val loss {metrics['val_loss']:.4f} as printed, "
+                  f"{full[name]:.4f} on the whole validation split")
         # the same runs evaluated often, alike (20 batches every 50 steps), to draw the curves
-        curves = {name: command(name, "--eval-interval", "50", "--eval-iters", "20", "--max-new-tokens", "0")
+        curves = {name: command(name, "--eval-interval", "50", "--eval-iters", "20",
+                                "--max-new-tokens", "0")
                   for name in runs}
-        print("\nthe same runs, evaluated every 50 steps on 20 batches: validation loss by wall-clock time")
+        print("\nthe same runs, evaluated every 50 steps on 20 batches: "
+              "validation loss by wall-clock time")
         print_curves(curves)
         print()
 
@@ -359,12 +377,15 @@ def main():
         names = list(ABLATIONS)
         ms = child("steptimes", *names)
         budget = ms["as it is"] * stage("07_modern").RECIPES["cpu"]["max_iters"]
-        print(f"stage 07 with each change taken away, at equal training time ({budget / 1000:.0f} s of steps)")
-        print("  change taken away                       | ms/step | steps | val loss | whole split")
+        print("stage 07 with each change taken away, at equal training time "
+              f"({budget / 1000:.0f} s of steps)")
+        print("  change taken away                       | "
+              "ms/step | steps | val loss | whole split")
         for name in names:
             steps = round(budget / ms[name])
             result = child("ablation", name, str(steps))
-            print(f"  {name:<40}| {ms[name]:7.1f} | {steps:5} | {result['val']:8.4f} | {result['full']:.4f}",
+            print(f"  {name:<40}| "
+                  f"{ms[name]:7.1f} | {steps:5} | {result['val']:8.4f} | {result['full']:.4f}",
                   flush=True)
 
 
@@ -373,12 +394,14 @@ def print_curves(runs):
     names = list(runs)
     for name in names:
         history = runs[name][0]["history"]
-        print(f"  {name}: " + ", ".join(f"step {h['step']} {h['val']:.4f} ({h['seconds']:.0f} s)" for h in history))
+        print(f"  {name}: " + ", ".join(f"step {h['step']} {h['val']:.4f} ({h['seconds']:.0f} s)"
+                                        for h in history))
     print("  best validation loss reached by wall-clock time (seconds since training began)")
     print("    seconds | " + " | ".join(f"{name:>9}" for name in names))
     longest = max(runs[name][0]["history"][-1]["seconds"] for name in names)
     for limit in range(10, int(longest) + 10, 5 if longest < 60 else 10):
-        best = [min((h["val"] for h in runs[name][0]["history"] if h["seconds"] <= limit), default=float("nan"))
+        best = [min((h["val"] for h in runs[name][0]["history"] if h["seconds"] <= limit),
+                    default=float("nan"))
                 for name in names]
         print(f"    {limit:7} | " + " | ".join(f"{b:9.4f}" for b in best))
 

@@ -1,8 +1,17 @@
+import contextlib
 import importlib
+import io
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# pytest.ini runs the tests in as many processes as there are cores (pytest-xdist): one thread
+# each, for them and for the processes they start, as more threads than cores only wait on
+# each other (measured on 2 cores: 112 s so, 344 s with two threads a process)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402 (after the thread count, which torch reads when imported)
+import torch  # noqa: E402
 
 from shared.cli import run
 from shared.data import CharTokenizer, read_text
@@ -12,14 +21,16 @@ STAGES = ["01_bigram", "02_single_head", "03_multi_head", "04_block"]  # built b
 GPT_STAGES = ["05_gpt", "06_train_for_real", "07_modern"]
 ALL_STAGES = STAGES + GPT_STAGES
 # a few steps of any stage; the GPT stages at a small size instead of their cpu preset
-QUICK = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2", "--max-new-tokens", "0", "--seed", "0"]
-SMALL_GPT = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--block-size", "16",
-             "--warmup-iters", "2"]
+QUICK = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2", "--max-new-tokens", "0",
+         "--seed", "0"]
+SMALL_GPT = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4",
+             "--block-size", "16", "--warmup-iters", "2"]
 
 
 def quick_flags(name, out=None):
     """Flags for a quick run of stage name (writing into out, if given)."""
-    return [*QUICK, *(SMALL_GPT if name in GPT_STAGES else []), *(["--out", str(out)] if out else [])]
+    return [*QUICK, *(SMALL_GPT if name in GPT_STAGES else []),
+            *(["--out", str(out)] if out else [])]
 
 
 def load_stage(name):
@@ -27,7 +38,8 @@ def load_stage(name):
 
 
 def stage_error(capsys, main, *argv):
-    """Run a stage's main() as its command line does: it must end with exit status 2 and one line."""
+    """Run a stage's main() as its command line does: it must end with exit status 2
+    and one line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         run(lambda: main(list(argv)))
@@ -48,8 +60,9 @@ def build_model(stage, vocab_size, block_size=16, n_embd=24, n_head=3, n_layer=2
         return stage.GPT(vocab_size, block_size, n_embd, n_head)
     if name == "04_block":
         return stage.GPT(vocab_size, block_size, n_embd, n_head, n_layer, dropout)
-    return stage.GPT(stage.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                                     n_embd=n_embd, dropout=dropout))  # the GPT stages take a config
+    # the GPT stages take a config
+    return stage.GPT(stage.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
+                                     n_head=n_head, n_embd=n_embd, dropout=dropout))
 
 
 def attention_heads(stage, model):
@@ -68,23 +81,57 @@ def tokenizer(shakespeare):
     return CharTokenizer(shakespeare)
 
 
-@pytest.fixture(params=STAGES)
+@pytest.fixture(params=ALL_STAGES)
 def stage(request):
     return load_stage(request.param)
+
+
+@pytest.fixture(scope="session")
+def quick_runs(tmp_path_factory):
+    """Every stage trained for a few steps as its command line runs it, each once for all the
+    tests that look at a run: --out, --plot-attention from 02 on, 40 new tokens. The folder of
+    the runs (a folder a stage), and what each printed."""
+    root = tmp_path_factory.mktemp("runs")
+    printed = {}
+    for name in ALL_STAGES:
+        flags = [*quick_flags(name, root / name), "--max-new-tokens", "40"]
+        if name != "01_bigram":
+            flags.append("--plot-attention")
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            assert load_stage(name).main(flags) is None  # no signal stopped it
+        printed[name] = stdout.getvalue()
+    return root, printed
 
 
 def fine_tune_then_sample(stage, folder, out, capsys, steps):
     """--init-from a save_pretrained folder: a few steps of fine-tuning, in which the val loss must
     fall, then samples from the checkpoint and from the folder itself. Returns the checkpoint."""
-    stage.main(["--init-from", str(folder), "--block-size", "16", "--batch-size", "4", "--max-iters", str(steps),
-                "--eval-interval", str(steps), "--eval-iters", "2", "--lr", "1e-3", "--max-new-tokens", "5",
-                "--out", str(out)])
-    losses = [float(line.split("val loss ")[1].split(",")[0]) for line in capsys.readouterr().out.splitlines()
-              if "val loss" in line]
+    stage.main(["--init-from", str(folder), "--block-size", "16", "--batch-size", "4",
+                "--max-iters", str(steps), "--eval-interval", str(steps), "--eval-iters", "2",
+                "--lr", "1e-3", "--max-new-tokens", "5", "--out", str(out)])
+    losses = [float(line.split("val loss ")[1].split(",")[0])
+              for line in capsys.readouterr().out.splitlines() if "val loss" in line]
     assert len(losses) == 2 and losses[1] < losses[0]
     stage.main(["--sample", "--out", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "5"])
     assert "ROMEO:" in capsys.readouterr().out
-    stage.main(["--init-from", str(folder), "--sample", "--prompt", "Hello", "--max-new-tokens", "5",
-                "--out", str(out)])
+    stage.main(["--init-from", str(folder), "--sample", "--prompt", "Hello",
+                "--max-new-tokens", "5", "--out", str(out)])
     assert "Hello" in capsys.readouterr().out
     return torch.load(Path(out) / "ckpt.pt", weights_only=True)
+
+
+def assert_same_state(a, b, where="state"):
+    """Two nested states (dicts, lists, tensors, numbers) equal exactly, tensor by tensor."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} against {type(b).__name__}"
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} against {sorted(b)}"
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: {len(a)} items against {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{where}: the tensors differ"
+    else:
+        assert a == b, f"{where}: {a!r} against {b!r}"

@@ -10,15 +10,17 @@ import torch
 from conftest import ROOT, load_stage
 
 gpt = load_stage("06_train_for_real")
-TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "2", "--warmup-iters", "2", "--seed", "0", "--max-new-tokens", "0"]
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+        "--batch-size", "4", "--eval-iters", "2", "--warmup-iters", "2", "--seed", "0",
+        "--max-new-tokens", "0"]
 
 
 def torchrun(*args):
     # one thread per process, so the two share the cores instead of fighting over them
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *args], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
 
 
 def val_losses(stdout):
@@ -27,8 +29,8 @@ def val_losses(stdout):
 
 
 def test_two_processes_train_write_one_checkpoint_and_resume(tmp_path):
-    first = torchrun("06_train_for_real.py", *TINY, "--max-iters", "20", "--eval-interval", "10", "--lr", "1e-2",
-                     "--out", str(tmp_path))
+    first = torchrun("06_train_for_real.py", *TINY, "--max-iters", "20", "--eval-interval", "10",
+                     "--lr", "1e-2", "--out", str(tmp_path))
     assert first.returncode == 0, first.stderr
     assert "x 2 process(es) = 128 tokens per step" in first.stdout
     losses = val_losses(first.stdout)
@@ -37,8 +39,8 @@ def test_two_processes_train_write_one_checkpoint_and_resume(tmp_path):
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 20 and len(checkpoint["rng_states"]) == 2
 
-    resumed = torchrun("06_train_for_real.py", *TINY, "--max-iters", "30", "--eval-interval", "10", "--lr", "1e-2",
-                       "--resume", "--out", str(tmp_path))
+    resumed = torchrun("06_train_for_real.py", *TINY, "--max-iters", "30", "--eval-interval", "10",
+                       "--lr", "1e-2", "--resume", "--out", str(tmp_path))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from step 20" in resumed.stdout and list(val_losses(resumed.stdout)) == [30]
 
@@ -50,8 +52,8 @@ STEP_ON_EACH_RANK = textwrap.dedent("""
     gpt = importlib.import_module("06_train_for_real")
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    args = types.SimpleNamespace(lr=1e-3, warmup_iters=0, max_iters=10, weight_decay=0.1, grad_clip=1.0,
-                                 dtype="float32")
+    args = types.SimpleNamespace(lr=1e-3, warmup_iters=0, max_iters=10, weight_decay=0.1,
+                                 grad_clip=1.0, dtype="float32")
     torch.manual_seed(0)
     model = gpt.GPT(gpt.GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32))
     x, y = torch.load(sys.argv[1])
@@ -59,7 +61,8 @@ STEP_ON_EACH_RANK = textwrap.dedent("""
     rows = slice(rank * half, (rank + 1) * half)
     ddp_model = DDP(model)
     scaler = torch.amp.GradScaler(enabled=False)
-    gpt.train_step(ddp_model, gpt.configure_optimizer(model, args), [(x[rows], y[rows])], args, 0, scaler)
+    gpt.train_step(ddp_model, gpt.configure_optimizer(model, args), [(x[rows], y[rows])],
+                   args, 0, scaler)
     if rank == 0:
         torch.save(model.state_dict(), sys.argv[2])
     dist.barrier()
@@ -71,16 +74,19 @@ def test_one_step_on_two_processes_equals_one_step_on_their_rows_together(tmp_pa
     torch.manual_seed(1)
     x, y = torch.randint(65, (2, 8, 16))  # 8 rows: 4 for each process
     torch.save((x, y), tmp_path / "batch.pt")
-    (tmp_path / "step.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + STEP_ON_EACH_RANK)
-    result = torchrun(str(tmp_path / "step.py"), str(tmp_path / "batch.pt"), str(tmp_path / "ddp.pt"))
+    (tmp_path / "step.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+                                      + STEP_ON_EACH_RANK)
+    result = torchrun(str(tmp_path / "step.py"), str(tmp_path / "batch.pt"),
+                      str(tmp_path / "ddp.pt"))
     assert result.returncode == 0, result.stderr
 
-    args = types.SimpleNamespace(lr=1e-3, warmup_iters=0, max_iters=10, weight_decay=0.1, grad_clip=1.0,
-                                 dtype="float32")
+    args = types.SimpleNamespace(lr=1e-3, warmup_iters=0, max_iters=10, weight_decay=0.1,
+                                 grad_clip=1.0, dtype="float32")
     torch.manual_seed(0)
     model = gpt.GPT(gpt.GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    gpt.train_step(model, gpt.configure_optimizer(model, args), [(x, y)], args, 0, torch.amp.GradScaler(enabled=False))
+    gpt.train_step(model, gpt.configure_optimizer(model, args), [(x, y)], args, 0,
+                   torch.amp.GradScaler(enabled=False))
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for name, tensor in model.state_dict().items():
         assert not torch.equal(tensor, before[name])  # the step moved every parameter

@@ -1,4 +1,5 @@
-"""Stage 05: GPT-2's architecture, its parameter counts, fused attention, the samplers and the KV cache."""
+"""Stage 05: GPT-2's architecture, its parameter counts, fused attention, the samplers and
+the KV cache."""
 import itertools
 import json
 import math
@@ -13,14 +14,14 @@ from conftest import load_stage
 
 gpt = load_stage("05_gpt")
 V = 65
-TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "2", "--warmup-iters", "2", "--seed", "0"]
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+        "--batch-size", "4", "--eval-iters", "2", "--warmup-iters", "2", "--seed", "0"]
 
 
 def tiny_model(vocab_size=V, block_size=16, dropout=0.0, seed=0):
     torch.manual_seed(seed)
-    config = gpt.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32,
-                           dropout=dropout)
+    config = gpt.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2,
+                           n_embd=32, dropout=dropout)
     return gpt.GPT(config)
 
 
@@ -42,9 +43,10 @@ def test_initial_loss_is_near_uniform():
 
 def test_module_names_follow_gpt2():
     names = set(tiny_model().state_dict())
-    for name in ["wte.weight", "wpe.weight", "h.0.ln_1.weight", "h.0.ln_1.bias", "h.0.attn.c_attn.weight",
-                 "h.0.attn.c_attn.bias", "h.0.attn.c_proj.weight", "h.0.ln_2.weight", "h.0.mlp.c_fc.weight",
-                 "h.0.mlp.c_proj.bias", "h.1.mlp.c_proj.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight"]:
+    for name in ["wte.weight", "wpe.weight", "h.0.ln_1.weight", "h.0.ln_1.bias",
+                 "h.0.attn.c_attn.weight", "h.0.attn.c_attn.bias", "h.0.attn.c_proj.weight",
+                 "h.0.ln_2.weight", "h.0.mlp.c_fc.weight", "h.0.mlp.c_proj.bias",
+                 "h.1.mlp.c_proj.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight"]:
         assert name in names
 
 
@@ -59,8 +61,10 @@ def test_residual_projections_are_scaled_at_init():
     torch.manual_seed(0)
     model = gpt.GPT(config)
     assert model.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
-    assert model.h[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
-    assert model.h[7].mlp.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert model.h[0].attn.c_proj.weight.std().item() == pytest.approx(
+        0.02 / math.sqrt(16), rel=0.05)
+    assert model.h[7].mlp.c_proj.weight.std().item() == pytest.approx(
+        0.02 / math.sqrt(16), rel=0.05)
 
 
 @pytest.mark.parametrize("name,count", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
@@ -102,11 +106,14 @@ def test_the_bfloat16_path_spells_out_the_same_attention():
 def test_queries_after_a_cache_see_every_earlier_key():
     q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 7, 8)  # 3 new queries after 4 cached keys
     weights = gpt.causal_attention_weights(q, k)
-    allowed = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    allowed = torch.tensor([[1, 1, 1, 1, 1, 0, 0],
+                            [1, 1, 1, 1, 1, 1, 0],
+                            [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 3))
     assert torch.equal(weights > 0, allowed.expand(2, 4, 3, 7))
     v = torch.randn(2, 4, 7, 8)
-    torch.testing.assert_close(weights @ v, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
+    torch.testing.assert_close(weights @ v,
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
 
 
 def test_the_schedule_warms_up_then_decays_to_a_tenth():
@@ -119,9 +126,11 @@ def test_the_schedule_warms_up_then_decays_to_a_tenth():
 
 def test_weight_decay_only_on_matrices():
     model = tiny_model()
-    decayed, plain = gpt.configure_optimizer(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1)).param_groups
+    decayed, plain = gpt.configure_optimizer(
+        model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1)).param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
-    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert (all(p.dim() == 2 for p in decayed["params"])
+            and all(p.dim() == 1 for p in plain["params"]))
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
@@ -146,9 +155,12 @@ def test_top_k_keeps_exactly_k_even_with_ties():
 def test_top_p_keeps_the_token_that_crosses_p():
     logits = torch.log(torch.tensor([[0.1, 0.5, 0.3, 0.1]]))
     probs = lambda p: F.softmax(gpt.top_p_filter(logits, p), dim=-1)  # noqa: E731
-    torch.testing.assert_close(probs(0.5), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))  # 0.5 reaches p exactly
-    torch.testing.assert_close(probs(0.6), torch.tensor([[0.0, 0.625, 0.375, 0.0]]))  # 0.3 crosses 0.6
-    torch.testing.assert_close(probs(0.85), torch.tensor([[1 / 9, 5 / 9, 3 / 9, 0.0]]))  # a tie at 0.1: sort order
+    # 0.5 reaches p exactly
+    torch.testing.assert_close(probs(0.5), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    # 0.3 crosses 0.6
+    torch.testing.assert_close(probs(0.6), torch.tensor([[0.0, 0.625, 0.375, 0.0]]))
+    # a tie at 0.1: sort order
+    torch.testing.assert_close(probs(0.85), torch.tensor([[1 / 9, 5 / 9, 3 / 9, 0.0]]))
     torch.testing.assert_close(probs(1e-9), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))  # never empty
     torch.testing.assert_close(probs(1.0), torch.tensor([[0.1, 0.5, 0.3, 0.1]]))
 
@@ -168,7 +180,8 @@ def test_sampled_tokens_stay_inside_the_top_k_set_and_the_nucleus():
 def test_extreme_temperatures_still_give_a_distribution():
     logits = torch.tensor([[2.0, 5.0, 1.0, 5.0 - 1e-3]]) * 100
     torch.manual_seed(0)
-    cold = gpt.sample_next(logits.repeat(200, 1), temperature=1e-300)  # logits / T overflows in float32
+    # logits / T overflows in float32
+    cold = gpt.sample_next(logits.repeat(200, 1), temperature=1e-300)
     assert set(cold.flatten().tolist()) == {1}  # greedy, in the limit
     hot = gpt.sample_next(logits.repeat(4000, 1), temperature=1e300)  # every logit / T rounds to 0
     assert set(hot.flatten().tolist()) == {0, 1, 2, 3}  # uniform, in the limit
@@ -212,7 +225,8 @@ def test_a_prompt_longer_than_the_context_and_zero_new_tokens():
     torch.manual_seed(0)
     cached = gpt.generate(model, idx, 5)
     torch.manual_seed(0)
-    assert torch.equal(cached, gpt.generate(model, idx, 5, use_cache=False)) and cached.shape == (2, 45)
+    assert (torch.equal(cached, gpt.generate(model, idx, 5, use_cache=False))
+            and cached.shape == (2, 45))
 
 
 def test_cached_logits_match_a_full_forward_pass():
@@ -222,10 +236,11 @@ def test_cached_logits_match_a_full_forward_pass():
     logits_prefix, _ = model(idx[:, :7], cache=cache)
     steps = [model(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 12)]
     full, _ = model(idx)
-    torch.testing.assert_close(torch.cat([logits_prefix, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([logits_prefix, *steps], dim=1), full,
+                               atol=1e-5, rtol=1e-5)
 
 
-# ----------------------------------------------------------------------------- tokenizers, the command line
+# --------------------------------------------------------------------- tokenizers, the command line
 
 def test_tiktoken_round_trip_on_tiny_shakespeare(shakespeare):
     from shared.data import TiktokenTokenizer
@@ -252,6 +267,7 @@ def test_loss_drops_with_both_tokenizers(tokenizer, tmp_path):
 def test_training_ends_with_a_sample_from_each_sampler(capsys):
     gpt.main([*TINY, "--max-iters", "6", "--eval-interval", "3", "--max-new-tokens", "20"])
     out = capsys.readouterr().out
-    assert re.search(r"^step 6: train loss \d\.\d{4}, val loss \d\.\d{4}, val \d\.\d{3} bits/char", out, re.M)
+    assert re.search(r"^step 6: train loss \d\.\d{4}, val loss \d\.\d{4}, val \d\.\d{3} bits/char",
+                     out, re.M)
     labels = re.findall(r"^-{30} (.+?) -+$", out, re.M)
     assert labels == ["greedy", "temperature 0.8", "top-k 40", "top-p 0.9"]

@@ -9,29 +9,34 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import fine_tune_then_sample, load_stage, stage_error
+from conftest import assert_same_state, fine_tune_then_sample, load_stage, stage_error
 
 modern = load_stage("07_modern")
 V = 65
-TINY = ["--n-layer", "2", "--n-head", "4", "--n-kv-head", "2", "--n-embd", "32", "--block-size", "16",
-        "--batch-size", "4", "--eval-iters", "2", "--warmup-iters", "2", "--seed", "0", "--max-new-tokens", "0"]
+TINY = ["--n-layer", "2", "--n-head", "4", "--n-kv-head", "2", "--n-embd", "32",
+        "--block-size", "16", "--batch-size", "4", "--eval-iters", "2", "--warmup-iters", "2",
+        "--seed", "0", "--max-new-tokens", "0"]
 
 
 def tiny_model(seed=0, **changes):
     torch.manual_seed(seed)
-    config = modern.GPTConfig(**{**dict(block_size=16, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2,
-                                        n_embd=32), **changes})
+    config = modern.GPTConfig(**{**dict(block_size=16, vocab_size=V, n_layer=2, n_head=4,
+                                        n_kv_head=2, n_embd=32), **changes})
     return modern.GPT(config)
 
 
 def test_the_modern_parts_are_where_they_should_be():
     model = tiny_model(qk_norm=True, tie_embeddings=False)
     assert not hasattr(model, "wpe")  # positions come from rotating queries and keys
-    assert all(type(m) is torch.nn.RMSNorm for m in (model.ln_f, model.h[0].ln_1, model.h[1].attn.q_norm))
+    assert all(type(m) is torch.nn.RMSNorm
+               for m in (model.ln_f, model.h[0].ln_1, model.h[1].attn.q_norm))
     assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
-    assert not any(isinstance(m, torch.nn.Linear) and m.bias is not None for m in model.modules())  # no biases
-    assert model.h[0].attn.q_proj.weight.shape == (4 * 8, 32) and model.h[0].attn.k_proj.weight.shape == (2 * 8, 32)
-    assert model.h[0].mlp.gate_proj.weight.shape == model.h[0].mlp.up_proj.weight.shape == (128, 32)  # 8/3, up to 64s
+    # no biases
+    assert not any(isinstance(m, torch.nn.Linear) and m.bias is not None for m in model.modules())
+    assert (model.h[0].attn.q_proj.weight.shape == (4 * 8, 32)
+            and model.h[0].attn.k_proj.weight.shape == (2 * 8, 32))
+    # 8/3, up to 64s
+    assert model.h[0].mlp.gate_proj.weight.shape == model.h[0].mlp.up_proj.weight.shape == (128, 32)
     assert model.lm_head.weight is not model.wte.weight
     tied = tiny_model()
     assert tied.lm_head.weight is tied.wte.weight
@@ -40,37 +45,56 @@ def test_the_modern_parts_are_where_they_should_be():
 def test_rotary_positions_make_attention_scores_relative():
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
+    def turned(x, position):
+        return modern.rotate(x, modern.rope_table(torch.tensor([position]), 16, 10000.0))
+
     def score(query_position, key_position):
-        return (modern.rotate(q, torch.tensor([query_position]), 10000.0)
-                * modern.rotate(k, torch.tensor([key_position]), 10000.0)).sum().item()
+        return (turned(q, query_position) * turned(k, key_position)).sum().item()
 
     assert score(5, 2) == pytest.approx(score(105, 102), abs=1e-4)  # three apart, wherever
     assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)
-    torch.testing.assert_close(modern.rotate(q, torch.tensor([0]), 10000.0), q)  # position 0: no turn
-    assert modern.rotate(q, torch.tensor([7]), 10000.0).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
+    # position 0: no turn
+    torch.testing.assert_close(turned(q, 0), q)
+    assert turned(q, 7).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
+
+
+def test_the_rope_table_turns_each_pair_of_channels_by_its_own_frequency():
+    """Channels i and i + head_dim/2 of a head at position p turn by p / theta^(2i / head_dim),
+    checked one pair at a time against the plain formula of a 2-D rotation."""
+    head_dim, theta, positions = 8, 500.0, torch.tensor([0, 3, 41])
+    x = torch.randn(1, 2, 3, head_dim)
+    turned = modern.rotate(x, modern.rope_table(positions, head_dim, theta))
+    for i in range(head_dim // 2):
+        angle = positions.double() / theta ** (2 * i / head_dim)
+        a, b = x[..., i].double(), x[..., i + head_dim // 2].double()
+        torch.testing.assert_close(turned[..., i], (a * angle.cos() - b * angle.sin()).float())
+        torch.testing.assert_close(turned[..., i + head_dim // 2],
+                                   (b * angle.cos() + a * angle.sin()).float())
 
 
 def test_swiglu_is_a_gated_mlp():
     mlp = tiny_model().h[0].mlp
-    torch.nn.init.normal_(mlp.c_proj.weight)  # zero at init
+    torch.nn.init.normal_(mlp.down_proj.weight)  # zero at init
     x = torch.randn(2, 3, 32)
     gate, up = x @ mlp.gate_proj.weight.T, x @ mlp.up_proj.weight.T
-    torch.testing.assert_close(mlp(x), (F.silu(gate) * up) @ mlp.c_proj.weight.T)
+    torch.testing.assert_close(mlp(x), (F.silu(gate) * up) @ mlp.down_proj.weight.T)
 
 
 def test_grouped_query_attention_equals_attention_with_repeated_key_value_heads():
     torch.manual_seed(0)
     attention = tiny_model(qk_norm=True).h[0].attn.eval()
-    torch.nn.init.normal_(attention.c_proj.weight)  # zero at init
+    torch.nn.init.normal_(attention.o_proj.weight)  # zero at init
     x = torch.randn(2, 10, 32)
-    q, k, v = attention.heads(x)
+    rope = modern.rope_table(torch.arange(10), 8, 10000.0)
+    q, k, v = attention.heads(x, rope)
     assert q.shape == (2, 4, 10, 8) and k.shape == v.shape == (2, 2, 10, 8)
-    k, v = (t.repeat_interleave(2, dim=1) for t in (k, v))  # query heads 0, 1 share key head 0; 2, 3 head 1
+    # query heads 0, 1 share key head 0; 2, 3 head 1
+    k, v = (t.repeat_interleave(2, dim=1) for t in (k, v))
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 10, 32)
-    expected = attention.c_proj(y)
-    torch.testing.assert_close(attention(x), expected, atol=1e-6, rtol=1e-5)
+    expected = attention.o_proj(y)
+    torch.testing.assert_close(attention(x, rope), expected, atol=1e-6, rtol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the explicit bfloat16 path, same attention
-        fast = attention(x)
+        fast = attention(x, rope)
     torch.testing.assert_close(fast.float(), expected, atol=3e-2, rtol=3e-2)
 
 
@@ -88,13 +112,13 @@ def test_the_sliding_kv_cache_equals_recomputation(max_new_tokens):
 
 def test_the_cache_keeps_only_the_window_and_never_recomputes():
     model = tiny_model().eval()
-    cache, calls = modern.KVCache(model.block_size), []
+    cache, calls = modern.KVCache(model.block_size, len(model.h)), []
     model.register_forward_pre_hook(lambda module, args: calls.append(args[0].size(1)))
     idx = torch.randint(V, (1, 40))
     logits, _ = model(idx[:, :30], cache=cache)  # a prompt longer than the window
     for t in range(30, 40):
         logits, _ = model(idx[:, t:t + 1], cache=cache)
-    assert calls == [30] + [1] * 10 and len(cache) == 40
+    assert calls == [30] + [1] * 10 and cache.position == 40
     assert all(k.size(2) == model.block_size - 1 for k in cache.keys.values())
     full, _ = model(idx)  # every position in its own window of 16
     torch.testing.assert_close(logits[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
@@ -102,9 +126,10 @@ def test_the_cache_keeps_only_the_window_and_never_recomputes():
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     model = tiny_model(tie_embeddings=False)
-    for block in model.h:  # zero at init, which would leave the matrices before them without a gradient
-        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.02)
-        torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.02)
+    # zero at init, which would leave the matrices before them without a gradient
+    for block in model.h:
+        torch.nn.init.normal_(block.attn.o_proj.weight, std=0.02)
+        torch.nn.init.normal_(block.mlp.down_proj.weight, std=0.02)
     optimizer = modern.configure_optimizer(model, type("Args", (), dict(lr=1e-3, weight_decay=0.1)))
     muon, adamw = optimizer.optimizers
     in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
@@ -119,13 +144,14 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     state = optimizer.state_dict()
     again = modern.configure_optimizer(model, type("Args", (), dict(lr=1e-3, weight_decay=0.1)))
     again.load_state_dict(state)
-    assert str(again.state_dict()) == str(state)
+    assert_same_state(again.state_dict(), state)
 
 
 @pytest.mark.parametrize("config,count", [
-    (dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, hidden_dim=1536), 134_515_008),
-    (dict(vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024, head_dim=128, hidden_dim=3072,
-          qk_norm=True), 596_049_920),
+    (dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, hidden_dim=1536),
+     134_515_008),
+    (dict(vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024, head_dim=128,
+          hidden_dim=3072, qk_norm=True), 596_049_920),
 ], ids=["SmolLM2-135M", "Qwen3-0.6B"])
 def test_parameter_counts_of_real_models_on_the_meta_device(config, count):
     with torch.device("meta"):
@@ -133,7 +159,8 @@ def test_parameter_counts_of_real_models_on_the_meta_device(config, count):
     assert sum(p.numel() for p in model.parameters()) == count
 
 
-def test_resume_after_ctrl_c_gives_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+def test_resume_after_ctrl_c_gives_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                       capsys):
     flags = [*TINY, "--max-iters", "12", "--eval-interval", "4"]
     modern.main([*flags, "--out", str(tmp_path / "whole")])
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"]
@@ -150,47 +177,58 @@ def test_resume_after_ctrl_c_gives_the_losses_of_an_uninterrupted_run(tmp_path, 
     modern.main([*flags, "--resume", "--out", str(tmp_path / "parts")])
     resumed = json.loads((tmp_path / "parts" / "metrics.json").read_text())["history"]
     assert "stopped at step 7" in capsys.readouterr().out
-    assert [(h["step"], h["train"], h["val"]) for h in resumed] == [(h["step"], h["train"], h["val"]) for h in whole]
+    assert ([(h["step"], h["train"], h["val"]) for h in resumed]
+            == [(h["step"], h["train"], h["val"]) for h in whole])
 
 
 def test_heads_must_share_key_value_heads_evenly(capsys):
-    assert "--n-head 4 must be divisible by --n-kv-head 3" in stage_error(capsys, modern.main, "--n-kv-head", "3")
+    assert "--n-head 4 must be divisible by --n-kv-head 3" in stage_error(
+        capsys, modern.main, "--n-kv-head", "3")
 
 
 def test_heads_must_have_an_even_width_to_rotate(capsys):
-    assert "heads of 3 channels, an odd number" in stage_error(capsys, modern.main, "--n-embd", "12", "--n-head", "4")
+    assert "heads of 3 channels, an odd number" in stage_error(
+        capsys, modern.main, "--n-embd", "12", "--n-head", "4")
 
 
-# ----------------------------------------------------------------------------- Llama and Qwen3 weights
+# -------------------------------------------------------------------------- Llama and Qwen3 weights
 
 transformers = pytest.importorskip("transformers")
 
 
 def tokenizer_for_tests(text):
-    """A byte-level BPE of 300 tokens trained here on the text, as Hugging Face tokenizers save them."""
+    """A byte-level BPE of 300 tokens trained here on the text, as Hugging Face tokenizers
+    save them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"]))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer,
+                                                eos_token="<|endoftext|>")
 
 
 MODELS = {  # every weight random, so a missed transpose, norm or head would show
     "llama GQA, tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=320, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        vocab_size=320, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
     "llama untied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)),
-    "qwen3 QK-norm, head_dim 16 in a width of 32": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False)),
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+        tie_word_embeddings=False)),
+    "qwen3 QK-norm, head_dim 16 in a width of 32": lambda: transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(vocab_size=320, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 head_dim=16, max_position_embeddings=64,
+                                 tie_word_embeddings=False)),
     "qwen3 tied": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=64, tie_word_embeddings=True)),
+        vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64,
+        tie_word_embeddings=True)),
 }
 
 
@@ -198,7 +236,8 @@ MODELS = {  # every weight random, so a missed transpose, norm or head would sho
 def hf_folder(request, tmp_path_factory, shakespeare):
     torch.manual_seed(0)
     model = MODELS[request.param]().eval()
-    model.generation_config.eos_token_id = None  # Hugging Face's generate would stop at one; ours runs on
+    # Hugging Face's generate would stop at one; ours runs on
+    model.generation_config.eos_token_id = None
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))  # norm gains away from 1
@@ -217,42 +256,50 @@ def test_loaded_weights_give_hugging_faces_logits_and_greedy_tokens(hf_folder):
     with torch.no_grad():
         assert (model(idx)[0] - hf_model(idx).logits).abs().max().item() <= 1e-4
     prompt = torch.randint(320, (2, 6))
-    theirs = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
-                               pad_token_id=0)
+    theirs = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                               do_sample=False, pad_token_id=0)
     assert torch.equal(modern.generate(model, prompt, 20, temperature=0), theirs)
 
 
-@pytest.mark.parametrize("hf_folder", ["llama GQA, tied", "qwen3 QK-norm, head_dim 16 in a width of 32"], indirect=True)
+@pytest.mark.parametrize("hf_folder",
+                         ["llama GQA, tied", "qwen3 QK-norm, head_dim 16 in a width of 32"],
+                         indirect=True)
 def test_fine_tune_a_loaded_model_with_its_own_tokenizer_then_sample(hf_folder, tmp_path, capsys):
     checkpoint = fine_tune_then_sample(modern, hf_folder[0], tmp_path, capsys, steps=6)
     assert checkpoint["tokenizer"] == {"kind": "huggingface", "name": str(hf_folder[0])}
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}), "llama3 RoPE"),
-    (dict(attention_bias=True), "no biases"),
-])
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 32}), "scales its RoPE (llama3)"),
+    (dict(attention_bias=True), "has biases in its attention or MLP"),
+    (dict(mlp_bias=True), "has biases in its attention or MLP"),
+    (dict(hidden_act="gelu"), "gates its MLP with gelu, not SiLU"),
+], ids=["llama3 RoPE", "attention bias", "MLP bias", "GELU"])
 def test_other_llama_variants_are_refused_in_one_sentence(capsys, tmp_path, change, message):
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, **change)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4, **change)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    assert message in stage_error(capsys, modern.main, "--init-from", str(tmp_path / "model"), "--sample",
-                                  "--out", str(tmp_path))
+    assert message in stage_error(capsys, modern.main, "--init-from", str(tmp_path / "model"),
+                                  "--sample", "--out", str(tmp_path))
 
 
 def test_sliding_windows_and_mixtures_of_experts_are_refused(capsys, tmp_path):
     transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, use_sliding_window=True, sliding_window=8)).save_pretrained(tmp_path / "sliding")
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+        sliding_window=8)).save_pretrained(tmp_path / "sliding")
     transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+        num_experts_per_tok=2,
     )).save_pretrained(tmp_path / "moe")
-    for name, kind in [("sliding", "qwen3"), ("moe", "qwen3_moe")]:
+    for name, cause in [("sliding", "has sliding-window attention"),
+                        ("moe", "is a qwen3_moe model; this stage loads llama and qwen3 models")]:
         message = stage_error(capsys, modern.main, "--init-from", str(tmp_path / name), "--sample",
                               "--out", str(tmp_path))
-        assert f"is a {kind} model" in message and "loads Llama and Qwen3 models" in message
+        assert cause in message
 
 
 def test_a_model_needs_its_own_tokenizer(capsys, hf_folder, tmp_path):
@@ -268,5 +315,5 @@ def test_the_context_can_be_shortened_but_not_lengthened(capsys, hf_folder, tmp_
     idx = torch.randint(320, (2, 16))
     with torch.no_grad():  # no position table to crop: the same logits within the context
         assert (model(idx)[0] - hf_model(idx).logits).abs().max().item() <= 1e-4
-    assert "longer than" in stage_error(capsys, modern.main, "--init-from", str(folder), "--block-size", "128",
-                                        "--out", str(tmp_path))
+    assert "longer than" in stage_error(capsys, modern.main, "--init-from", str(folder),
+                                        "--block-size", "128", "--out", str(tmp_path))

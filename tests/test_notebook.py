@@ -13,14 +13,17 @@ nbclient = pytest.importorskip("nbclient")
 
 
 def cell_markers(name):
-    return [line for line in (ROOT / f"{name}.py").read_text().splitlines() if line.startswith("# %%")]
+    return [line for line in (ROOT / f"{name}.py").read_text().splitlines()
+            if line.startswith("# %%")]
 
 
 def test_every_stage_has_the_same_cells():
-    assert len(cell_markers("01_bigram")) == 6  # hyperparameters, model, training, sampling, run (and its prose)
+    # hyperparameters, model, training, sampling, run (and its prose)
+    assert len(cell_markers("01_bigram")) == 6
     assert all(cell_markers(name) == cell_markers("01_bigram") for name in ALL_STAGES)
     cells = jupytext.read(ROOT / "03_multi_head.py").cells
-    assert cells[0].source.startswith('"""03_multi_head.py:') and "import torch" in cells[0].source  # what is new
+    # what is new
+    assert cells[0].source.startswith('"""03_multi_head.py:') and "import torch" in cells[0].source
     assert [cell.cell_type for cell in cells] == ["code"] * 5 + ["markdown", "code"]
 
 
@@ -34,21 +37,26 @@ def test_a_stage_runs_in_a_jupyter_kernel_as_it_runs_from_the_command_line(tmp_p
     recipe = '"cpu": dict(batch_size=64, max_iters=800, eval_interval=200, eval_iters=10,'
     assert recipe in settings.source
     # what a reader does in a notebook: change the hyperparameters in their cell, then run it all
-    settings.source = settings.source.replace(recipe, '"cpu": dict(batch_size=64, max_iters=20, eval_interval=10, '
-                                              'eval_iters=2,')
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the kernel runs in tmp_path, and imports shared from here
+    settings.source = settings.source.replace(
+        recipe, '"cpu": dict(batch_size=64, max_iters=20, eval_interval=10, eval_iters=2,')
+    # the kernel runs in tmp_path, and imports shared from here
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
     nbclient.NotebookClient(notebook, kernel_name="python3", timeout=300,
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
-    printed = "".join(output.get("text", "") for output in outputs if output.output_type == "stream")
+    printed = "".join(output.get("text", "") for output in outputs
+                      if output.output_type == "stream")
     assert not [output for output in outputs if output.output_type == "error"]
-    assert "image/png" in {kind for output in outputs for kind in output.get("data", {})}  # loss.png, inline
+    # loss.png, inline
+    assert "image/png" in {kind for output in outputs for kind in output.get("data", {})}
     assert (tmp_path / "runs" / "06_train_for_real" / "ckpt.pt").exists()
     assert re.search(r"^-{30} top-p 0\.9 -+\n.{100}", printed, re.M | re.S)  # trained, then sampled
 
-    script = subprocess.run([sys.executable, "06_train_for_real.py", "--max-iters", "20", "--eval-interval", "10",
-                             "--eval-iters", "2", "--out", str(tmp_path / "script")],
+    script = subprocess.run([sys.executable, "06_train_for_real.py", "--max-iters", "20",
+                             "--eval-interval", "10", "--eval-iters", "2",
+                             "--out", str(tmp_path / "script")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert script.returncode == 0, script.stderr
     assert len(losses(printed)) == 3 and losses(printed) == losses(script.stdout)
-    assert printed.split("-" * 30 + " greedy")[1] == script.stdout.split("-" * 30 + " greedy")[1]  # same samples
+    # same samples
+    assert printed.split("-" * 30 + " greedy")[1] == script.stdout.split("-" * 30 + " greedy")[1]

@@ -18,7 +18,8 @@ def hf_model_folder(tmp_path_factory):
     """A GPT-2 with GPT-2's vocabulary but 2 layers of 32 channels and a 32-token context, every
     weight and bias random (so a missed transpose or bias shows), saved by save_pretrained."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50_257, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    config = transformers.GPT2Config(vocab_size=50_257, n_positions=32, n_embd=32, n_layer=2,
+                                     n_head=4)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -31,7 +32,8 @@ def hf_model_folder(tmp_path_factory):
 def test_loaded_weights_give_hugging_faces_logits(hf_model_folder):
     folder, hf_model = hf_model_folder
     model = gpt.GPT.from_pretrained(folder)
-    assert model.config.block_size == 32 and model.config.n_layer == 2 and model.config.vocab_size == 50_257
+    assert (model.config.block_size == 32 and model.config.n_layer == 2
+            and model.config.vocab_size == 50_257)
     assert model.lm_head.weight is model.wte.weight
     idx = torch.randint(50_257, (3, 32))
     with torch.no_grad():
@@ -60,7 +62,8 @@ def test_cropping_the_context_keeps_the_first_positions(hf_model_folder):
 
 def test_fine_tune_from_loaded_weights_then_sample(hf_model_folder, tmp_path, capsys):
     checkpoint = fine_tune_then_sample(gpt, hf_model_folder[0], tmp_path, capsys, steps=10)
-    assert checkpoint["config"]["block_size"] == 16 and checkpoint["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"}
+    assert (checkpoint["config"]["block_size"] == 16
+            and checkpoint["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"})
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -74,8 +77,8 @@ def test_bad_pretrained_flags_get_one_sentence(hf_model_folder, capsys, tmp_path
 
 def test_offline_without_a_local_folder_gets_one_sentence(tmp_path):
     # a fresh process, as the hub library reads these variables when it is first imported
-    result = subprocess.run([sys.executable, "06_train_for_real.py", "--init-from", "gpt2", "--sample",
-                             "--out", str(tmp_path)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "06_train_for_real.py", "--init-from", "gpt2",
+                             "--sample", "--out", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert result.returncode == 2 and "could not load 'gpt2'" in result.stderr

@@ -1,4 +1,5 @@
-"""What a run leaves behind (metrics.json, loss.png, attention.png) and the report made from runs."""
+"""A run of every stage as its command line runs it, what it prints and leaves behind
+(metrics.json, loss.png, attention.png), and the report made from runs."""
 import contextlib
 import io
 import json
@@ -10,22 +11,13 @@ import matplotlib.image
 import pytest
 import torch
 
-from conftest import ALL_STAGES, GPT_STAGES, build_model, load_stage, quick_flags, stage_error
+from conftest import ALL_STAGES, GPT_STAGES, build_model, load_stage, stage_error
 from shared import report
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Each stage trained for a few steps with --out (and --plot-attention from 02 on), and what
-    each printed."""
-    root = tmp_path_factory.mktemp("runs")
-    printed = {}
-    for name in ALL_STAGES:
-        flags = quick_flags(name, root / name) + (["--plot-attention"] if name != "01_bigram" else [])
-        with contextlib.redirect_stdout(io.StringIO()) as stdout:
-            load_stage(name).main(flags)
-        printed[name] = stdout.getvalue()
-    return root, printed
+def runs(quick_runs):
+    return quick_runs
 
 
 def assert_image(path, min_side=300):
@@ -38,23 +30,43 @@ def assert_image(path, min_side=300):
 
 
 @pytest.mark.parametrize("name", ALL_STAGES)
+def test_runs_end_to_end(runs, name):
+    root, printed = runs
+    out = printed[name]
+    lines = re.findall(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4}), "
+                       r"val (\d+\.\d{3}) bits/char", out, re.M)
+    assert [int(step) for step, *_ in lines] == [0, 3, 6]
+    assert "ms/step" in out and "left" in out
+    separator = r"^-{30} top-p 0\.9 -+\n" if name in GPT_STAGES else "^-{80}\n"
+    sample = re.split(separator, out, flags=re.M)[-1]
+    assert len(sample) >= 40  # 40 new characters after the start token
+    metrics = json.loads((root / name / "metrics.json").read_text())
+    assert metrics["stage"] == name
+    assert [h["step"] for h in metrics["history"]] == [0, 3, 6]
+    assert f"{metrics['val_loss']:.4f}" == lines[-1][2]
+
+
+@pytest.mark.parametrize("name", ALL_STAGES)
 def test_metrics_follow_the_schema_and_the_printed_losses(runs, name):
     root, printed = runs
     metrics = json.loads((root / name / "metrics.json").read_text())
     assert set(metrics) == set(report.METRICS_FIELDS)
     assert report.read_runs([root / name]) == [{"run": name, **metrics}]
     assert metrics["stage"] == name and metrics["config"]["max_iters"] == 6
-    assert metrics["tokenizer"]["kind"] == "char" and metrics["vocab_size"] == len(metrics["tokenizer"]["chars"])
+    assert (metrics["tokenizer"]["kind"] == "char"
+            and metrics["vocab_size"] == len(metrics["tokenizer"]["chars"]))
     assert f"{metrics['parameters']:,} parameters" in printed[name]
-    lines = re.findall(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})", printed[name], re.M)
-    assert [(h["step"], f"{h['train']:.4f}", f"{h['val']:.4f}") for h in metrics["history"]] == \
-        [(int(step), train, val) for step, train, val in lines]
+    lines = re.findall(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})",
+                       printed[name], re.M)
+    assert ([(h["step"], f"{h['train']:.4f}", f"{h['val']:.4f}") for h in metrics["history"]]
+            == [(int(step), train, val) for step, train, val in lines])
     assert [h["step"] for h in metrics["history"]] == [0, 3, 6]
     seconds = [h["seconds"] for h in metrics["history"]]
     assert seconds == sorted(seconds) and metrics["tokens_per_second"] > 0
     last = metrics["history"][-1]
     assert (metrics["train_loss"], metrics["val_loss"]) == (last["train"], last["val"])
-    assert metrics["val_bpc"] == pytest.approx(last["val"] / math.log(2))  # one token is one character
+    # one token is one character
+    assert metrics["val_bpc"] == pytest.approx(last["val"] / math.log(2))
     assert metrics["machine"]
 
 
@@ -70,11 +82,13 @@ def test_each_run_draws_its_loss_curves_and_attention(runs, name):
 
 
 @pytest.mark.parametrize("name,layers,heads", [("02_single_head", 1, 1), ("03_multi_head", 1, 3),
-                                               ("04_block", 2, 3), *[(name, 2, 3) for name in GPT_STAGES]])
+                                               ("04_block", 2, 3),
+                                               *[(name, 2, 3) for name in GPT_STAGES]])
 def test_attention_maps_come_per_layer_and_head_and_are_causal(name, layers, heads):
     stage = load_stage(name)
     if name in GPT_STAGES:
-        model = stage.GPT(stage.GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=3, n_embd=24))
+        model = stage.GPT(stage.GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=3,
+                                          n_embd=24))
     else:
         model = build_model(stage, 65, n_embd=24, n_head=3, n_layer=2)
     maps = report.attention_maps(model.train(), torch.randint(65, (1, 12)))
@@ -103,7 +117,8 @@ def test_report_has_a_row_per_run_and_a_figure(runs, tmp_path):
     assert [row.split("|")[1].strip() for row in rows] == ALL_STAGES  # runs named by their folders
     assert [row.split("|")[2].strip() for row in rows] == ALL_STAGES
     assert all(len(row.split("|")) == 11 for row in rows)  # 9 columns
-    assert all(row.split("|")[4].strip() == "" for row in rows)  # one run per stage: nothing to compare
+    # one run per stage: nothing to compare
+    assert all(row.split("|")[4].strip() == "" for row in rows)
     assert_image(root / "report.png")
 
     with contextlib.redirect_stdout(io.StringIO()):

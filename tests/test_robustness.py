@@ -45,7 +45,8 @@ def test_bad_sampling_flags(capsys, flags, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 @pytest.mark.parametrize("name", GPT_STAGES)
 def test_unavailable_device(capsys, tmp_path, name):
-    assert "no CUDA GPU" in stage_error(capsys, load_stage(name).main, "--device", "cuda", "--out", str(tmp_path))
+    assert "no CUDA GPU" in stage_error(capsys, load_stage(name).main, "--device", "cuda",
+                                        "--out", str(tmp_path))
 
 
 @pytest.mark.parametrize("content,message", [
@@ -69,19 +70,22 @@ def test_no_network_for_tiktoken(tmp_path):
     # an empty cache and a proxy that refuses connections: tiktoken has to download, and can't
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9",
            "https_proxy": "http://127.0.0.1:9"}
-    result = subprocess.run([sys.executable, "05_gpt.py", *quick_flags("05_gpt"), "--tokenizer", "gpt2"],
+    result = subprocess.run([sys.executable, "05_gpt.py", *quick_flags("05_gpt"),
+                             "--tokenizer", "gpt2"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2 and "could not fetch tiktoken's files" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-# ----------------------------------------------------------------------------- every stage, at the edges
+# ------------------------------------------------------------------------ every stage, at the edges
 
 @pytest.mark.parametrize("name", ALL_STAGES)
 def test_a_diverging_run_ends_with_one_sentence_in_every_stage(capsys, tmp_path, name):
-    message = stage_error(capsys, load_stage(name).main, *quick_flags(name, tmp_path), "--max-iters", "30",
-                          "--eval-interval", "10", "--lr", "1e12", "--max-new-tokens", "50")
-    assert re.search(r"the loss became (nan|inf) at step \d+: training diverged; try a smaller --lr", message)
+    message = stage_error(capsys, load_stage(name).main, *quick_flags(name, tmp_path),
+                          "--max-iters", "30", "--eval-interval", "10", "--lr", "1e12",
+                          "--max-new-tokens", "50")
+    assert re.search(r"the loss became (nan|inf) at step \d+: training diverged; "
+                     r"try a smaller --lr", message)
 
 
 EDGES = [  # (flags, what the one sentence says)
@@ -99,7 +103,8 @@ EDGES = [  # (flags, what the one sentence says)
 
 
 @pytest.mark.parametrize("name", ALL_STAGES)
-@pytest.mark.parametrize("flags,message", EDGES, ids=lambda x: " ".join(x) if isinstance(x, list) else "")
+@pytest.mark.parametrize("flags,message", EDGES,
+                         ids=lambda x: " ".join(x) if isinstance(x, list) else "")
 def test_flags_at_their_edges_in_every_stage(capsys, name, flags, message):
     assert message in stage_error(capsys, load_stage(name).main, *flags)
 
@@ -109,22 +114,26 @@ def test_paths_that_are_not_what_they_should_be(capsys, tmp_path, name):
     main = load_stage(name).main
     (tmp_path / "file").write_text("a file")
     assert "is a file, not a folder" in stage_error(capsys, main, "--out", str(tmp_path / "file"))
-    assert "cannot write there (Not a directory)" in stage_error(capsys, main, "--out", str(tmp_path / "file" / "x"))
+    assert "cannot write there (Not a directory)" in stage_error(
+        capsys, main, "--out", str(tmp_path / "file" / "x"))
     out = ["--out", str(tmp_path)]
-    assert "cannot be read (Is a directory)" in stage_error(capsys, main, "--data", str(tmp_path), *out)
+    assert "cannot be read (Is a directory)" in stage_error(
+        capsys, main, "--data", str(tmp_path), *out)
     assert "has 0 characters" in stage_error(capsys, main, "--data", "/dev/null", *out)
 
 
-SMALLEST = {"01_bigram": [], "02_single_head": ["--n-embd", "1"], "03_multi_head": ["--n-embd", "1", "--n-head", "1"],
+SMALLEST = {"01_bigram": [], "02_single_head": ["--n-embd", "1"],
+            "03_multi_head": ["--n-embd", "1", "--n-head", "1"],
             **{name: ["--n-embd", "1", "--n-head", "1", "--n-layer", "1"]
                for name in ["04_block", "05_gpt", "06_train_for_real"]},
-            "07_modern": ["--n-embd", "2", "--n-head", "1", "--n-kv-head", "1", "--n-layer", "1"]}  # RoPE: pairs
+            # RoPE: pairs
+            "07_modern": ["--n-embd", "2", "--n-head", "1", "--n-kv-head", "1", "--n-layer", "1"]}
 
 
 @pytest.mark.parametrize("name", ALL_STAGES)
 def test_the_smallest_sizes_train(capsys, tmp_path, name):
-    load_stage(name).main([*quick_flags(name, tmp_path), *SMALLEST[name], "--block-size", "1", "--batch-size", "1",
-                           "--max-new-tokens", "5"])
+    load_stage(name).main([*quick_flags(name, tmp_path), *SMALLEST[name], "--block-size", "1",
+                           "--batch-size", "1", "--max-new-tokens", "5"])
     assert "step 6: train loss" in capsys.readouterr().out
 
 
@@ -138,21 +147,45 @@ def checkpoint_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flags,check", [
-    (["--prompt", " "], lambda out: out.count(" sample ") == 1),  # whitespace is text like any other
-    (["--prompt", "ROMEO: " * 20], lambda out: "ROMEO: " * 20 in out),  # 140 characters, a 16-token context
+    # whitespace is text like any other
+    (["--prompt", " "], lambda out: out.count(" sample ") == 1),
+    # 140 characters, a 16-token context
+    (["--prompt", "ROMEO: " * 20], lambda out: "ROMEO: " * 20 in out),
     (["--prompt", "ROMEO:", "--max-new-tokens", "0"], lambda out: out.rstrip().endswith("ROMEO:")),
-    (["--temperature", "1e-30"], lambda out: "sample" in out),  # as greedy
-    (["--temperature", "1e30"], lambda out: "sample" in out),  # as uniform
-    (["--top-p", "1e-9"], lambda out: "sample" in out),  # the top token only
-    (["--top-k", "100000"], lambda out: "sample" in out),  # more than the 65 tokens: all of them
-    (["--num-samples", "9", "--batch-size", "4"], lambda out: out.count(" sample ") == 9),  # in 3 batches
-], ids=["whitespace", "longer than the context", "no new tokens", "cold", "hot", "tiny top-p", "huge top-k",
-        "more samples than a batch"])
+    # in 3 batches
+    (["--num-samples", "9", "--batch-size", "4"], lambda out: out.count(" sample ") == 9),
+], ids=["whitespace", "longer than the context", "no new tokens", "more samples than a batch"])
 def test_sampling_at_the_edges_works(capsys, checkpoint_folder, flags, check):
-    load_stage("06_train_for_real").main(["--sample", "--out", str(checkpoint_folder), "--max-new-tokens", "20",
-                                          *flags])
-    out = capsys.readouterr().out
+    out = samples(capsys, checkpoint_folder, *flags)
     assert check(out), out
+
+
+def samples(capsys, folder, *flags):
+    """What --sample prints from the checkpoint in folder, 40 new tokens, with the given flags."""
+    load_stage("06_train_for_real").main(["--sample", "--out", str(folder),
+                                          "--max-new-tokens", "40", *flags])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,same_as", [
+    # so cold that only the likeliest token has any probability left
+    (["--temperature", "1e-30"], ["--temperature", "0"]),
+    # a nucleus that holds the top token alone
+    (["--top-p", "1e-9"], ["--temperature", "0"]),
+    # more than the 65 tokens: all of them, as with no top-k at all
+    (["--top-k", "100000"], []),
+], ids=["cold is greedy", "tiny top-p is greedy", "huge top-k is plain sampling"])
+def test_samplers_at_their_limits_draw_the_tokens_of_the_plain_ones(capsys, checkpoint_folder,
+                                                                    flags, same_as):
+    assert samples(capsys, checkpoint_folder, *flags) == samples(capsys, checkpoint_folder,
+                                                                 *same_as)
+
+
+def test_a_hot_sampler_draws_far_from_greedy(capsys, checkpoint_folder):
+    """At temperature 1e30 every token is about as likely as any other."""
+    greedy = samples(capsys, checkpoint_folder, "--temperature", "0").split("\n", 1)[1]
+    hot = samples(capsys, checkpoint_folder, "--temperature", "1e30").split("\n", 1)[1]
+    assert hot != greedy and len(set(hot)) > len(set(greedy)) + 5, (hot, greedy)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -166,7 +199,8 @@ def test_prompts_the_model_cannot_start_from(capsys, checkpoint_folder, flags, m
 
 
 @pytest.mark.parametrize("name", STAGES + ["05_gpt"])
-def test_ctrl_c_stops_training_then_the_run_samples_and_exits_with_status_130(capsys, monkeypatch, name):
+def test_ctrl_c_stops_training_then_the_run_samples_and_exits_with_status_130(capsys, monkeypatch,
+                                                                              name):
     stage, calls = load_stage(name), []
 
     def get_batch_then_ctrl_c(*args, **kwargs):
@@ -177,15 +211,17 @@ def test_ctrl_c_stops_training_then_the_run_samples_and_exits_with_status_130(ca
 
     monkeypatch.setattr(stage, "get_batch", get_batch_then_ctrl_c)
     with pytest.raises(SystemExit) as exit_:
-        run(lambda: stage.main([*quick_flags(name), "--max-iters", "1000", "--max-new-tokens", "20"]))
+        run(lambda: stage.main([*quick_flags(name), "--max-iters", "1000",
+                                "--max-new-tokens", "20"]))
     out = capsys.readouterr().out
     assert exit_.value.code == 130 and "interrupted at step" in out and "step 1000:" not in out
     assert len(out.rstrip().rsplit("-" * 20, 1)[-1].strip()) > 0  # and it still printed a sample
 
 
 def test_ctrl_c_stops_training_then_a_second_one_stops_sampling(tmp_path):
-    process = subprocess.Popen([sys.executable, "01_bigram.py", "--max-iters", "1000000", "--max-new-tokens",
-                                "10000000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "01_bigram.py", "--max-iters", "1000000",
+                                "--max-new-tokens", "10000000"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:
         if line.startswith("step 500:"):
             break

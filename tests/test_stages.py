@@ -13,8 +13,28 @@ V = 65
 
 
 def tiny_args(stage, *flags):
-    return parse_args(["--batch-size", "8", "--block-size", "16", "--eval-iters", "4", "--seed", "0",
-                       *flags], "", stage.hyperparameters)
+    """The flags of a small run of stage, parsed as its main() parses them; the GPT stages with
+    their cpu recipe, in float32 and in one process."""
+    flags = ["--batch-size", "8", "--block-size", "16", "--eval-iters", "4", "--seed", "0", *flags]
+    if stage.__name__ in STAGES:
+        return parse_args(flags, "", stage.hyperparameters)
+    args = parse_args(["--warmup-iters", "2", *flags], "", stage.flag_defaults("cpu"),
+                      stage.add_flags)
+    args.dtype, args.world_size = "float32", 1
+    return args
+
+
+def train(stage, model, train_data, val_data, args):
+    """The stage's own train(), called as its main() calls it; the history of losses."""
+    device = torch.device("cpu")
+    if stage.__name__ in STAGES + ["05_gpt"]:
+        history, _ = stage.train(model, train_data, val_data, args, device, 1.0)
+        return history
+    # stages 06 and on: an optimizer of their own, a first step, and a checkpoint writer
+    optimizer = stage.configure_optimizer(model, args)
+    history, *_ = stage.train(model, optimizer, train_data, val_data, args, device, 1.0, 0, [],
+                              lambda step, history: None)
+    return history
 
 
 def test_logits_shape(stage):
@@ -63,7 +83,7 @@ def test_loss_drops_after_a_few_dozen_steps(stage):
     torch.manual_seed(0)
     tokenizer, train_data, val_data = load_dataset(block_size=args.block_size)
     model = build_model(stage, tokenizer.vocab_size, block_size=args.block_size)
-    history, _ = stage.train(model, train_data, val_data, args, "cpu", 1.0)
+    history = train(stage, model, train_data, val_data, args)
     assert [h["step"] for h in history] == [0, 40]
     assert history[0]["val"] - history[-1]["val"] > 0.5
 
@@ -75,7 +95,7 @@ def test_same_seed_same_losses(stage):
     for _ in range(2):
         torch.manual_seed(args.seed)
         model = build_model(stage, tokenizer.vocab_size, block_size=args.block_size)
-        history, _ = stage.train(model, train_data, val_data, args, "cpu", 1.0)
+        history = train(stage, model, train_data, val_data, args)
         runs.append([(h["train"], h["val"]) for h in history])
     assert runs[0] == runs[1]
 

@@ -15,8 +15,9 @@ import torch
 from conftest import ROOT, load_stage, stage_error
 
 gpt = load_stage("06_train_for_real")
-TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "2", "--warmup-iters", "2", "--seed", "0", "--max-new-tokens", "0"]
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+        "--batch-size", "4", "--eval-iters", "2", "--warmup-iters", "2", "--seed", "0",
+        "--max-new-tokens", "0"]
 
 
 def run_stage(*flags, name="06_train_for_real.py", **kwargs):
@@ -54,14 +55,16 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     model, tokenizer = gpt.load_checkpoint(tmp_path / "ckpt.pt")
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 4 and checkpoint["config"]["n_embd"] == 32
-    assert model.h[0].mlp.gelu.approximate == "none"  # the cpu preset's exact GELU, not GPT-2's tanh
+    # the cpu preset's exact GELU, not GPT-2's tanh
+    assert model.h[0].mlp.gelu.approximate == "none"
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, checkpoint["model"][name])
     assert model.lm_head.weight is model.wte.weight  # still tied after loading
     assert tokenizer.vocab_size == 65 and tokenizer.decode(tokenizer.encode("ROMEO:")) == "ROMEO:"
 
 
-def test_ctrl_c_then_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_then_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                          capsys):
     flags = [*TINY, "--dropout", "0.1", "--max-iters", "20", "--eval-interval", "5"]
     gpt.main([*flags, "--out", str(tmp_path / "whole")])
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"]
@@ -77,7 +80,8 @@ def test_ctrl_c_then_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_pa
     gpt.main([*flags, "--out", str(tmp_path / "parts")])
     monkeypatch.undo()
     out = capsys.readouterr().out
-    assert "SIGINT: stopping after this step" in out and "stopped at step 13; saved to" in out and "--resume" in out
+    assert ("SIGINT: stopping after this step" in out and "stopped at step 13; saved to" in out
+            and "--resume" in out)
     assert torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=True)["step"] == 13
     gpt.main([*flags, "--resume", "--out", str(tmp_path / "parts")])
     resumed = json.loads((tmp_path / "parts" / "metrics.json").read_text())["history"]
@@ -85,19 +89,24 @@ def test_ctrl_c_then_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_pa
     assert [(h["train"], h["val"]) for h in resumed] == [(h["train"], h["val"]) for h in whole]
 
 
-def test_command_line_trains_saves_and_samples(tmp_path):
+def test_command_line_trains_saves_and_samples(tmp_path, capsys):
+    """The one run of this stage in a process of its own, as a user runs it; then samples from its
+    checkpoint (in this process)."""
     trained = run_stage(*TINY, "--max-iters", "6", "--eval-interval", "3", "--max-new-tokens", "20",
                         "--out", str(tmp_path))
     assert trained.returncode == 0, trained.stderr
     for label in ["greedy", "temperature 0.8", "top-k 40", "top-p 0.9"]:
         assert f" {label} " in trained.stdout
     sample = ["--sample", "--out", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "30",
-              "--temperature", "0.8", "--top-k", "40", "--top-p", "0.95", "--num-samples", "3", "--seed", "7"]
-    sampled = run_stage(*sample)
-    assert sampled.returncode == 0, sampled.stderr
-    samples = [s for s in sampled.stdout.split("\n" + "-" * 30 + " sample ") if "ROMEO:" in s]
+              "--temperature", "0.8", "--top-k", "40", "--top-p", "0.95", "--num-samples", "3",
+              "--seed", "7"]
+    capsys.readouterr()
+    gpt.main(sample)
+    sampled = capsys.readouterr().out
+    samples = [s for s in sampled.split("\n" + "-" * 30 + " sample ") if "ROMEO:" in s]
     assert len(samples) == 3
-    assert run_stage(*sample).stdout == sampled.stdout  # the same seed, the same samples
+    gpt.main(sample)
+    assert capsys.readouterr().out == sampled  # the same seed, the same samples
 
 
 def test_checkpoints_load_without_running_pickled_code(tmp_path):
@@ -117,24 +126,30 @@ def test_missing_checkpoint(capsys, tmp_path, mode):
 
 
 def test_sampling_flags_checked_against_the_checkpoint(capsys, trained):
-    assert "'ü' never occurs" in error_of(capsys, "--sample", "--out", str(trained), "--prompt", "Müller")
+    assert "'ü' never occurs" in error_of(capsys, "--sample", "--out", str(trained),
+                                          "--prompt", "Müller")
 
 
 def test_resume_refuses_another_tokenizer_text_or_shape(capsys, trained, tmp_path):
     base = [*TINY, "--max-iters", "6", "--resume", "--out", str(trained)]
     assert "--tokenizer char, not gpt2" in error_of(capsys, *base, "--tokenizer", "gpt2")
     assert "--n-layer 2, not 3" in error_of(capsys, *base, "--n-layer", "3")
-    (tmp_path / "other.txt").write_text("a completely different text, with other letters: XYZ&?!\n" * 40)
-    assert "trained on another text" in error_of(capsys, *base, "--data", str(tmp_path / "other.txt"))
+    (tmp_path / "other.txt").write_text(
+        "a completely different text, with other letters: XYZ&?!\n" * 40)
+    assert "trained on another text" in error_of(
+        capsys, *base, "--data", str(tmp_path / "other.txt"))
 
 
 def test_foreign_truncated_and_altered_checkpoints(capsys, trained, tmp_path):
     checkpoint = torch.load(trained / "ckpt.pt", weights_only=True)
     broken = {**checkpoint["model"], "wte.weight": checkpoint["model"]["wte.weight"] * float("nan")}
     cases = {
-        "stage": ({**checkpoint, "stage": "05_gpt"}, "not a checkpoint written by this version of 06"),
-        "incomplete": ({"stage": "06_train_for_real", "model": checkpoint["model"]}, "not a checkpoint written"),
-        "altered": ({**checkpoint, "config": {**checkpoint["config"], "n_layer": 3}}, "don't fit its config"),
+        "stage": ({**checkpoint, "stage": "05_gpt"},
+                  "not a checkpoint written by this version of 06"),
+        "incomplete": ({"stage": "06_train_for_real", "model": checkpoint["model"]},
+                       "not a checkpoint written"),
+        "altered": ({**checkpoint, "config": {**checkpoint["config"], "n_layer": 3}},
+                    "don't fit its config"),
         "nan": ({**checkpoint, "model": broken}, "not all finite"),
     }
     for name, (content, message) in cases.items():
@@ -144,14 +159,16 @@ def test_foreign_truncated_and_altered_checkpoints(capsys, trained, tmp_path):
     (tmp_path / "truncated").mkdir()
     data = (trained / "ckpt.pt").read_bytes()
     (tmp_path / "truncated" / "ckpt.pt").write_bytes(data[:len(data) // 2])
-    assert "not a readable checkpoint" in error_of(capsys, "--sample", "--out", str(tmp_path / "truncated"))
+    assert "not a readable checkpoint" in error_of(
+        capsys, "--sample", "--out", str(tmp_path / "truncated"))
     (tmp_path / "folder" / "ckpt.pt").mkdir(parents=True)  # a folder where the file should be
     assert "no checkpoint at" in error_of(capsys, "--sample", "--out", str(tmp_path / "folder"))
 
 
 def test_an_out_folder_that_cannot_be_written_is_found_before_training(capsys, tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    assert "cannot write there (Not a directory)" in error_of(capsys, *TINY, "--out", str(tmp_path / "file" / "run"))
+    assert "cannot write there (Not a directory)" in error_of(
+        capsys, *TINY, "--out", str(tmp_path / "file" / "run"))
     assert "is a file, not a folder" in error_of(capsys, *TINY, "--out", str(tmp_path / "file"))
 
 
@@ -164,7 +181,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint(capsys, trained, tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gpt.torch, "save", full_disk)
-    message = error_of(capsys, *TINY, "--max-iters", "6", "--resume", "--out", str(tmp_path / "run"))
+    message = error_of(capsys, *TINY, "--max-iters", "6", "--resume",
+                       "--out", str(tmp_path / "run"))
     assert "No space left on device" in message and "the previous one, if any, is intact" in message
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
     assert not list((tmp_path / "run").glob("*.tmp"))
@@ -181,7 +199,8 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_pa
         return loss
 
     monkeypatch.setattr(gpt, "train_step", step_then_break_the_weights)
-    message = error_of(capsys, *TINY, "--max-iters", "20", "--eval-interval", "5", "--out", str(tmp_path))
+    message = error_of(capsys, *TINY, "--max-iters", "20", "--eval-interval", "5",
+                       "--out", str(tmp_path))
     assert "the loss became nan at step 8" in message and "diverged" in message
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 5
@@ -202,11 +221,13 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_and_its_debris_is_cleaned(tmp_path):
-    (tmp_path / "writer.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + WRITER)
+def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_and_its_debris_is_cleaned(
+        tmp_path):
+    (tmp_path / "writer.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+                                        + WRITER)
     path = tmp_path / "ckpt.pt"
-    writer = subprocess.Popen([sys.executable, str(tmp_path / "writer.py"), str(path)], stdout=subprocess.PIPE,
-                              text=True)
+    writer = subprocess.Popen([sys.executable, str(tmp_path / "writer.py"), str(path)],
+                              stdout=subprocess.PIPE, text=True)
     for _ in range(3):
         saved = int(writer.stdout.readline())  # a save has finished; the next one is under way
     time.sleep(0.05)
@@ -214,20 +235,22 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_and_its_debris_
     writer.wait()
     checkpoint = gpt.read_checkpoint(path)
     assert checkpoint["step"] >= saved and checkpoint["model"]["wte.weight"].shape == (65, 512)
-    leftover = tmp_path / f"ckpt.pt.{writer.pid}.x.tmp"  # as a kill mid-write leaves one (it may have)
+    # as a kill mid-write leaves one (it may have)
+    leftover = tmp_path / f"ckpt.pt.{writer.pid}.x.tmp"
     leftover.write_bytes(b"half a checkpoint")
     running = tmp_path / f"ckpt.pt.{os.getpid()}.y.tmp"  # a live process's write: not debris
     running.write_bytes(b"being written")
     model, tokenizer = gpt.load_checkpoint(path)
     gpt.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), tokenizer, 7, [], [])
-    assert sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name) == ["ckpt.pt", running.name]
+    assert (sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name)
+            == ["ckpt.pt", running.name])
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_writes_a_checkpoint_that_resumes(tmp_path, signum):
+def test_a_signal_writes_a_checkpoint_that_resumes(tmp_path, capsys, signum):
     flags = [*TINY, "--max-iters", "100000", "--eval-interval", "50", "--out", str(tmp_path)]
-    process = subprocess.Popen([sys.executable, "06_train_for_real.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "06_train_for_real.py", *flags], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:
         if line.startswith("step 50:"):  # training is under way
             break
@@ -239,6 +262,6 @@ def test_a_signal_writes_a_checkpoint_that_resumes(tmp_path, signum):
     step = int(stopped[0].split()[3].rstrip(";"))
     assert step >= 50 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == step
     assert json.loads((tmp_path / "metrics.json").read_text())["history"][-1]["step"] == 50
-    resumed = run_stage(*TINY, "--max-iters", str(step + 5), "--resume", "--out", str(tmp_path))
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from step {step}" in resumed.stdout and f"step {step + 5}: train loss" in resumed.stdout
+    gpt.main([*TINY, "--max-iters", str(step + 5), "--resume", "--out", str(tmp_path)])
+    resumed = capsys.readouterr().out
+    assert f"resuming from step {step}" in resumed and f"step {step + 5}: train loss" in resumed
