@@ -253,9 +253,14 @@ def check_finite(loss, step):
 def resolve_dtype(name, device):
     """auto: bfloat16 where the hardware multiplies in it natively (recent CUDA GPUs, CPUs with
     AVX-512 BF16 or AMX), float32 elsewhere."""
-    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and (
-        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return name if name != "auto" else "bfloat16" if native else "float32"
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported()
+                                           or torch.cpu._is_amx_tile_supported())
+    return "bfloat16" if native else "float32"
 
 
 def autocast(args, device):

@@ -165,7 +165,11 @@ def run(main):
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         stopped_by = main()
-        status = 128 + stopped_by if stopped_by else 130 if interrupted else 0
+        status = 0
+        if stopped_by:
+            status = 128 + stopped_by
+        elif interrupted:
+            status = 130
     except UserError as err:
         print(f"{prog}error: {err}", file=sys.stderr)
         status = 2

@@ -17,8 +17,10 @@ ESTIMATE_FACTOR = 2
 def select_device(name="auto"):
     """The fastest device present for 'auto'; the one asked for otherwise, if it is there."""
     has_mps = torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name == "auto" and torch.cuda.is_available():
+        name = "cuda"
+    elif name == "auto":
+        name = "mps" if has_mps else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: PyTorch finds no CUDA GPU on this machine; "
                         "use --device cpu")

@@ -2,7 +2,8 @@
 
   speed       stage 05's training throughput, plain float32 against the default path (--dtype
               auto), and peak memory
-  generation  stage 05's generation with and without the KV cache
+  generation  stage 05's generation with and without the KV cache; stage 07's against stage
+              06's on their cpu presets, and against Hugging Face's on SmolLM2-135M's shape
   dtype       the validation loss stage 05's default run reaches by wall-clock time, next to a
               float32 run's
   modern      python 05_gpt.py and python 07_modern.py as a user runs them: each command's time,
@@ -118,6 +119,60 @@ def measure_generation(new_tokens=500, rounds=3):
     return best
 
 
+def measure_stage_generation(new_tokens=500, rounds=5):
+    """Tokens per second of generate() with the KV cache, stage 06's GPT-2 against stage 07's
+    model, each of its own cpu preset with random weights, on the CPU; taking turns, best round."""
+    import torch
+    models = {}
+    for name in ("06_train_for_real", "07_modern"):
+        m = stage(name)
+        torch.manual_seed(1337)
+        config = dataclasses.replace(m.PRESETS["cpu"], vocab_size=65)
+        models[name] = (m, m.GPT(config).eval())
+    prompt = torch.zeros((1, 1), dtype=torch.long)
+    best = dict.fromkeys(models, 0.0)
+    for m, model in models.values():
+        m.generate(model, prompt, 20)  # warm-up
+    for _ in range(rounds):
+        for name, (m, model) in models.items():
+            start = time.time()
+            m.generate(model, prompt, new_tokens)
+            best[name] = max(best[name], new_tokens / (time.time() - start))
+    return best
+
+
+def measure_hugging_face_generation(new_tokens=100, rounds=3):
+    """Greedy tokens per second of stage 07's generate() and of Hugging Face's generate(), with
+    their KV caches, on one model of SmolLM2-135M's shape (random weights, float32, on the CPU),
+    which stage 07 loads from the folder transformers saves; and whether their tokens agree."""
+    import torch
+    import transformers
+    transformers.logging.set_verbosity_error()
+    m = stage("07_modern")
+    torch.manual_seed(1337)
+    config = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    theirs = transformers.LlamaForCausalLM(config).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder)
+        ours = m.GPT.from_pretrained(folder, block_size=1024).eval()
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    runs = {"07_modern": lambda: m.generate(ours, prompt, new_tokens, temperature=0),
+            "transformers": lambda: theirs.generate(prompt, max_new_tokens=new_tokens,
+                                                    min_new_tokens=new_tokens, do_sample=False)}
+    same = torch.equal(*(generate() for generate in runs.values()))
+    best = dict.fromkeys(runs, 0.0)
+    for _ in range(rounds):
+        for name, generate in runs.items():
+            start = time.time()
+            with torch.no_grad():
+                generate()
+            best[name] = max(best[name], new_tokens / (time.time() - start))
+    return {**best, "same_tokens": same}
+
+
 def command(name, *flags):
     """python NAME.py with its defaults (plus flags), as a user runs it: its metrics, the
     command's wall time, and the folder it wrote into (under the system's temporary folder)."""
@@ -174,7 +229,8 @@ def learned_positions(m):
         init(self, config)
         self.wte = TokensAndPositions(self.wte, config.block_size)
 
-    m.GPT.__init__, m.rotate = with_positions, lambda x, positions, theta: x
+    m.GPT.__init__ = with_positions
+    m.rotate = lambda x, rope: x
 
 
 def layernorm(m):
@@ -192,10 +248,11 @@ def gelu_mlp(m):
             super().__init__()
             self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
             self.gelu = nn.GELU()
-            self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+            # named as stage 07 names its MLP's output, so that it too starts at zero
+            self.down_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
         def forward(self, x):
-            return self.c_proj(self.gelu(self.c_fc(x)))
+            return self.down_proj(self.gelu(self.c_fc(x)))
 
     m.MLP = MLP
 
@@ -214,7 +271,7 @@ def gpt2_init(m):
     def scaled(self, config):
         init(self, config)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
 
     m.GPT.__init__ = scaled
@@ -311,6 +368,8 @@ def main():
                    # one dtype alone in its process
                    "memory": lambda: measure_training(rest, rounds=1),
                    "generate": measure_generation,
+                   "stages": measure_stage_generation,
+                   "transformers": measure_hugging_face_generation,
                    "steptimes": lambda: measure_step_times(rest),
                    "ablation": lambda: run_ablation(rest[0], int(rest[1])),
                    "loss": lambda: {"full": checkpoint_loss(*rest)}}
@@ -343,6 +402,20 @@ def main():
         print(f"  without KV cache | {gen['uncached']:7,.0f}")
         print(f"  with KV cache    | {gen['cached']:7,.0f}")
         print(f"  ratio            | {gen['cached'] / gen['uncached']:6.2f}x\n")
+        gen = child("stages")
+        print("generation with the KV cache, each stage's cpu preset (random weights), "
+              "500 new tokens | tokens/s")
+        print(f"  06_train_for_real (GPT-2) | {gen['06_train_for_real']:7,.0f}")
+        print(f"  07_modern                 | {gen['07_modern']:7,.0f}")
+        print(f"  ratio 07 / 06             | "
+              f"{gen['07_modern'] / gen['06_train_for_real']:6.2f}x\n")
+        gen = child("transformers")
+        print("greedy generation, a model of SmolLM2-135M's shape (random weights, float32), "
+              "100 new tokens | tokens/s")
+        print(f"  07_modern                 | {gen['07_modern']:7.1f}")
+        print(f"  transformers' generate    | {gen['transformers']:7.1f}")
+        print(f"  ratio                     | {gen['07_modern'] / gen['transformers']:6.2f}x"
+              f" (the same tokens: {'yes' if gen['same_tokens'] else 'no'})\n")
 
     if "dtype" in parts:
         runs = {"default": command("05_gpt", "--max-new-tokens", "0"),

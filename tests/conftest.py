@@ -2,6 +2,7 @@ import contextlib
 import importlib
 import io
 import os
+import shutil
 from pathlib import Path
 
 # pytest.ini runs the tests in as many processes as there are cores (pytest-xdist): one thread
@@ -135,3 +136,22 @@ def assert_same_state(a, b, where="state"):
         assert a.dtype == b.dtype and torch.equal(a, b), f"{where}: the tensors differ"
     else:
         assert a == b, f"{where}: {a!r} against {b!r}"
+
+
+def altered_copy(folder, out, how):
+    """A copy in out of the save_pretrained folder, its weights altered: one weight left out
+    ("missing"), one more that no layer has ("unexpected"), or one cut to another shape
+    ("reshaped"). transformers would load each with only a warning."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, out)
+    weights = load_file(Path(out) / "model.safetensors")
+    name = sorted(name for name in weights if name.endswith("proj.weight") or "c_attn" in name)[0]
+    if how == "missing":
+        del weights[name]
+    elif how == "unexpected":
+        weights["extra.weight"] = torch.zeros(3)
+    else:
+        weights[name] = weights[name][: weights[name].size(0) // 2].contiguous()
+    save_file(weights, Path(out) / "model.safetensors", metadata={"format": "pt"})
+    return out

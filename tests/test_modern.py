@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import assert_same_state, fine_tune_then_sample, load_stage, stage_error
+from conftest import altered_copy, assert_same_state, fine_tune_then_sample, load_stage, stage_error
 
 modern = load_stage("07_modern")
 V = 65
@@ -267,6 +267,27 @@ def test_loaded_weights_give_hugging_faces_logits_and_greedy_tokens(hf_folder):
 def test_fine_tune_a_loaded_model_with_its_own_tokenizer_then_sample(hf_folder, tmp_path, capsys):
     checkpoint = fine_tune_then_sample(modern, hf_folder[0], tmp_path, capsys, steps=6)
     assert checkpoint["tokenizer"] == {"kind": "huggingface", "name": str(hf_folder[0])}
+
+
+def test_a_model_of_another_type_is_refused(capsys, tmp_path):
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=4)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    message = stage_error(capsys, modern.main, "--init-from", str(tmp_path / "gpt2"), "--sample",
+                          "--out", str(tmp_path))
+    assert "is a gpt2 model; this stage loads llama and qwen3 models" in message
+
+
+@pytest.mark.parametrize("how,message", [
+    ("missing", "1 missing (such as model.layers.0."),
+    ("unexpected", "1 of no use (such as extra.weight)"),
+    ("reshaped", "1 of another shape (such as model.layers.0."),
+])
+@pytest.mark.parametrize("hf_folder", ["qwen3 tied"], indirect=True)
+def test_weights_that_do_not_all_load_are_refused(hf_folder, capsys, tmp_path, how, message):
+    folder = altered_copy(hf_folder[0], tmp_path / "altered", how)
+    error = stage_error(capsys, modern.main, "--init-from", str(folder), "--sample",
+                        "--out", str(tmp_path))
+    assert "does not hold the weights its config describes" in error and message in error
 
 
 @pytest.mark.parametrize("change,message", [

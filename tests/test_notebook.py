@@ -1,12 +1,10 @@
 """Every stage is also a notebook: the same cells in every stage, and one stage, converted by
 jupytext, runs from top to bottom in a real Jupyter kernel as the script does."""
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ALL_STAGES, ROOT
+from conftest import ALL_STAGES, ROOT, load_stage
 
 jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
@@ -31,7 +29,8 @@ def losses(text):
     return re.findall(r"^step \d+: train loss \d\.\d{4}, val loss \d\.\d{4}", text, re.M)
 
 
-def test_a_stage_runs_in_a_jupyter_kernel_as_it_runs_from_the_command_line(tmp_path, monkeypatch):
+def test_a_stage_runs_in_a_jupyter_kernel_as_it_runs_from_the_command_line(tmp_path, monkeypatch,
+                                                                           capsys):
     notebook = jupytext.read(ROOT / "06_train_for_real.py")
     settings = next(cell for cell in notebook.cells if "RECIPES = {" in cell.source)
     recipe = '"cpu": dict(batch_size=64, max_iters=800, eval_interval=200, eval_iters=10,'
@@ -52,11 +51,11 @@ def test_a_stage_runs_in_a_jupyter_kernel_as_it_runs_from_the_command_line(tmp_p
     assert (tmp_path / "runs" / "06_train_for_real" / "ckpt.pt").exists()
     assert re.search(r"^-{30} top-p 0\.9 -+\n.{100}", printed, re.M | re.S)  # trained, then sampled
 
-    script = subprocess.run([sys.executable, "06_train_for_real.py", "--max-iters", "20",
-                             "--eval-interval", "10", "--eval-iters", "2",
-                             "--out", str(tmp_path / "script")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert script.returncode == 0, script.stderr
-    assert len(losses(printed)) == 3 and losses(printed) == losses(script.stdout)
+    # the script's main(), as its command line runs it, with those settings as flags
+    capsys.readouterr()
+    load_stage("06_train_for_real").main(["--max-iters", "20", "--eval-interval", "10",
+                                          "--eval-iters", "2", "--out", str(tmp_path / "script")])
+    script = capsys.readouterr().out
+    assert len(losses(printed)) == 3 and losses(printed) == losses(script)
     # same samples
-    assert printed.split("-" * 30 + " greedy")[1] == script.stdout.split("-" * 30 + " greedy")[1]
+    assert printed.split("-" * 30 + " greedy")[1] == script.split("-" * 30 + " greedy")[1]

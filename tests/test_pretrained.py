@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, fine_tune_then_sample, load_stage, stage_error
+from conftest import ROOT, altered_copy, fine_tune_then_sample, load_stage, stage_error
 
 transformers = pytest.importorskip("transformers")
 gpt = load_stage("06_train_for_real")
@@ -89,3 +89,24 @@ def test_without_transformers_it_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
     with pytest.raises(gpt.UserError, match="pip install transformers"):
         gpt.GPT.from_pretrained("gpt2")
+
+
+def test_a_model_of_another_type_is_refused(capsys, tmp_path):
+    """transformers would build a GPT-2 from a Llama's config, with random weights."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    message = stage_error(capsys, gpt.main, "--init-from", str(tmp_path / "llama"), "--sample",
+                          "--prompt", "ROMEO:", "--out", str(tmp_path))
+    assert "is a llama model; this stage loads gpt2 models" in message
+
+
+@pytest.mark.parametrize("how,message", [("missing", "1 missing (such as "),
+                                         ("unexpected", "1 of no use (such as extra.weight)"),
+                                         ("reshaped", "1 of another shape (such as ")])
+def test_weights_that_do_not_all_load_are_refused(hf_model_folder, capsys, tmp_path, how,
+                                                  message):
+    folder = altered_copy(hf_model_folder[0], tmp_path / "altered", how)
+    error = stage_error(capsys, gpt.main, "--init-from", str(folder), "--sample",
+                        "--out", str(tmp_path))
+    assert "does not hold the weights its config describes" in error and message in error
