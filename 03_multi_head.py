@@ -158,8 +158,8 @@ def train(model, train_data, val_data, args, device, chars_per_token):
                 eval_seconds += time.time() - eval_start
                 seconds = time.time() - start
                 bpc = losses["val"] / chars_per_token / math.log(2)
-                record = {"step": step, "seconds": round(seconds, 3), **losses, "val_bpc": bpc}
-                history.append(record)
+                history.append({"step": step, "seconds": round(seconds, 3), **losses,
+                                "val_bpc": bpc})
                 print(f"step {step}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, val {bpc:.3f} bits/char"
                       + progress(step, args, seconds, eval_seconds), flush=True)
