@@ -7,9 +7,9 @@ attention; QK-norm (Qwen3); no biases; an untied head; a head_dim of its own; Mu
 updates of the block matrices orthogonal (why: configure_optimizer); --init-from Llama or Qwen3.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
-Expect: val loss 1.57 after 420 steps of the cpu preset (1.56 on the whole val split), in about
-20% less training time than stage 05 takes to reach 1.73 (76 s against 96 s on a slow day of a
-2-core CPU, 31 s against 34 s on a faster one); checkpoint in runs/07_modern/. A real model:
+Expect: val loss 1.57 after 420 steps of the cpu preset (1.56 on the whole val split), in less
+training time than stage 05 takes to reach 1.73 (76 s against 96 s on a slow day of a 2-core
+CPU, 31 s against 34 s on a faster one); checkpoint in runs/07_modern/. A real model:
     python 07_modern.py --init-from HuggingFaceTB/SmolLM2-135M --sample --prompt ROMEO: --top-p 0.9
 """
 import gc
