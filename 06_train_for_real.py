@@ -403,6 +403,8 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
     raw_model = model.module if isinstance(model, DDP) else model  # evaluation needs no syncing
     history = list(history)
     start_step = step
+    # the history's clock: seconds of this run, resumes included (not the time between them)
+    clock = history[-1]["seconds"] if history else 0.0
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
     start = last_print = time.time()
     eval_seconds = 0.0
@@ -418,7 +420,7 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
                 eval_seconds += time.time() - eval_start
                 seconds = time.time() - start
                 bpc = losses["val"] / chars_per_token / math.log(2)
-                history.append({"step": step, "seconds": round(seconds, 3), **losses,
+                history.append({"step": step, "seconds": round(clock + seconds, 3), **losses,
                                 "val_bpc": bpc})
                 print(f"step {step}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, val {bpc:.3f} bits/char"

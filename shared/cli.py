@@ -176,6 +176,11 @@ def run(main):
     except KeyboardInterrupt:  # a Ctrl-C outside training, or a second one inside it
         print(f"\n{prog}interrupted", file=sys.stderr)
         status = 130
+    except BrokenPipeError:
+        # the reader of the output left (python 01_bigram.py | head): stop quietly, as commands
+        # in a pipe do, with what is still to be flushed sent nowhere; 141 is 128 + SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 141
     except (RuntimeError, MemoryError) as err:
         if not out_of_memory(err):
             raise

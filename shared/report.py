@@ -24,7 +24,8 @@ METRICS_FIELDS = {
     "vocab_size": "tokens in the vocabulary",
     "device": "cpu, cuda or mps",
     "machine": "the processor or GPU, and the CPU threads PyTorch used",
-    "history": "one entry per evaluation: step, seconds since training began, train and val loss",
+    "history": "one entry per evaluation: step, seconds since training began (a resumed run "
+               "goes on from its checkpoint's), train and val loss",
     "tokens_per_second": "training tokens per second, evaluation excluded",
     "train_loss": "the last evaluation's train loss",
     "val_loss": "the last evaluation's val loss",

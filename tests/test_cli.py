@@ -18,6 +18,17 @@ def run_script(name, *flags):
                           text=True, timeout=120)
 
 
+def test_output_into_a_pipe_whose_reader_left_ends_quietly():
+    """python 01_bigram.py | head: once head has its lines, the run stops, with no traceback."""
+    process = subprocess.Popen([sys.executable, "01_bigram.py", *quick_flags("01_bigram"),
+                                "--max-new-tokens", "100000"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline()  # the parameter line
+    process.stdout.close()  # as head does once it has its lines
+    err = process.stderr.read()
+    assert process.wait(timeout=60) == 141 and err == "", err
+
+
 BAD_FLAGS = [
     ["--batch-size", "0"],
     ["--block-size", "-3"],

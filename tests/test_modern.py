@@ -179,6 +179,8 @@ def test_resume_after_ctrl_c_gives_the_losses_of_an_uninterrupted_run(tmp_path, 
     assert "stopped at step 7" in capsys.readouterr().out
     assert ([(h["step"], h["train"], h["val"]) for h in resumed]
             == [(h["step"], h["train"], h["val"]) for h in whole])
+    seconds = [h["seconds"] for h in resumed]  # one clock across the resume
+    assert seconds == sorted(seconds)
 
 
 def test_heads_must_share_key_value_heads_evenly(capsys):

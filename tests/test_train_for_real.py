@@ -87,6 +87,9 @@ def test_ctrl_c_then_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_pa
     resumed = json.loads((tmp_path / "parts" / "metrics.json").read_text())["history"]
     assert [h["step"] for h in resumed] == [0, 5, 10, 15, 20]
     assert [(h["train"], h["val"]) for h in resumed] == [(h["train"], h["val"]) for h in whole]
+    # the clock goes on from the checkpoint's, as one run's would
+    seconds = [h["seconds"] for h in resumed]
+    assert seconds == sorted(seconds) and seconds[-1] > seconds[2] > 0
 
 
 def test_command_line_trains_saves_and_samples(tmp_path, capsys):
