@@ -504,8 +504,11 @@ def read_checkpoint(path):
         raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
                         "it may be truncated or from elsewhere") from None
     keys = {"stage", "model", "optimizer", "config", "tokenizer", "step", "history", "rng_states"}
-    ours = isinstance(checkpoint, dict) and checkpoint.get("stage") == STAGE
-    if not ours or set(checkpoint) != keys:
+    stage = checkpoint.get("stage") if isinstance(checkpoint, dict) else None
+    if isinstance(stage, str) and stage != STAGE:
+        raise UserError(f"{path} is a checkpoint of {stage}.py, not of {STAGE}.py; "
+                        f"sample it with python {stage}.py --sample --out {path.parent}")
+    if stage != STAGE or set(checkpoint) != keys:
         raise UserError(f"{path} is not a checkpoint written by this version of {STAGE}.py")
     return checkpoint
 

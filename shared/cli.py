@@ -150,12 +150,13 @@ def out_of_memory(err):
                                               or "not enough memory" in message)
 
 
-def run(main):
+def run(main, prog=None):
     """Call main(); a UserError becomes one line on stderr and exit status 2, so does running out
     of memory. A run that Ctrl-C cut short ends with status 130 once it has done what it does on
     the way out (save, sample), as does one main() says a signal stopped (128 + that signal's
-    number: 143 for SIGTERM). In a notebook the line is printed and the kernel lives on."""
-    prog = "" if in_notebook() else f"{Path(sys.argv[0]).name}: "
+    number: 143 for SIGTERM). In a notebook the line is printed and the kernel lives on. The
+    errors sign with prog, by default the script's name."""
+    prog = "" if in_notebook() else f"{prog or Path(sys.argv[0]).name}: "
     interrupted = []
 
     def on_ctrl_c(signum, frame):

@@ -1,4 +1,5 @@
 """Tiny Shakespeare (or any UTF-8 text), a character tokenizer, a train/val split and batches."""
+import difflib
 import hashlib
 import urllib.error
 import urllib.request
@@ -180,6 +181,12 @@ def make_tokenizer(name, text):
         return CharTokenizer(text)
     if name in tiktoken.list_encoding_names():
         return TiktokenTokenizer(name)
+    # a typo of a name above would otherwise be looked for on the hub
+    close = difflib.get_close_matches(name.lower(), ["char", *tiktoken.list_encoding_names()],
+                                      n=1, cutoff=0.75)
+    if close and "/" not in name and not Path(name).exists():
+        raise UserError(f"--tokenizer {name}: not char, a tiktoken encoding or a folder; "
+                        f"did you mean {close[0]}?")
     return HuggingFaceTokenizer(name)
 
 

@@ -178,6 +178,9 @@ def read_runs(folders):
     with "run", the name of its folder."""
     runs = []
     for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such folder; give a run's --out folder, "
+                            "or a folder of them")
         paths = ([folder / "metrics.json"] if (folder / "metrics.json").is_file()
                  else sorted(folder.glob("*/metrics.json")))
         if not paths:
@@ -273,4 +276,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, prog="python -m shared.report")

@@ -123,3 +123,10 @@ def test_a_killed_downloads_leftover_is_removed_by_the_next_one(local_copy, tmp_
     leftover.write_text("the first half of a download")
     assert len(read_text()) == 1_115_394
     assert list(local_copy.parent.iterdir()) == [local_copy]
+
+
+@pytest.mark.parametrize("typo,meant", [("GPT2", "gpt2"), ("gtp2", "gpt2"), ("Char", "char")])
+def test_a_typo_of_a_tokenizer_name_is_answered_at_once(typo, meant):
+    """Not taken for a Hugging Face hub name, whose look-up waits on the network."""
+    with pytest.raises(UserError, match=f"--tokenizer {typo}: .* did you mean {meant}\\?"):
+        data.make_tokenizer(typo, "some text")

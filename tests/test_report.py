@@ -6,12 +6,14 @@ import json
 import math
 import re
 import struct
+import subprocess
+import sys
 
 import matplotlib.image
 import pytest
 import torch
 
-from conftest import ALL_STAGES, GPT_STAGES, build_model, load_stage, stage_error
+from conftest import ALL_STAGES, GPT_STAGES, ROOT, build_model, load_stage, stage_error
 from shared import report
 
 
@@ -145,6 +147,14 @@ def test_runs_of_one_stage_are_told_apart_by_what_differs(runs, tmp_path):
 
 def test_report_of_a_folder_without_runs(capsys, tmp_path):
     assert "holds no metrics.json" in stage_error(capsys, report.main, str(tmp_path))
+    assert "no such folder" in stage_error(capsys, report.main, str(tmp_path / "nosuch"))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.json").write_text('{"stage": "01_bigram"}')
     assert "lacks" in stage_error(capsys, report.main, str(tmp_path))
+
+
+def test_the_report_command_signs_its_errors_as_it_is_run(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "shared.report", str(tmp_path / "nosuch")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("python -m shared.report: error: ")

@@ -147,8 +147,9 @@ def test_foreign_truncated_and_altered_checkpoints(capsys, trained, tmp_path):
     checkpoint = torch.load(trained / "ckpt.pt", weights_only=True)
     broken = {**checkpoint["model"], "wte.weight": checkpoint["model"]["wte.weight"] * float("nan")}
     cases = {
-        "stage": ({**checkpoint, "stage": "05_gpt"},
-                  "not a checkpoint written by this version of 06"),
+        "stage": ({**checkpoint, "stage": "07_modern"},
+                  "is a checkpoint of 07_modern.py, not of 06_train_for_real.py; sample it with "
+                  "python 07_modern.py --sample --out"),
         "incomplete": ({"stage": "06_train_for_real", "model": checkpoint["model"]},
                        "not a checkpoint written"),
         "altered": ({**checkpoint, "config": {**checkpoint["config"], "n_layer": 3}},
