@@ -1,3 +1,4 @@
+# %% [markdown]
 """01_bigram.py: a bigram language model, the smallest model that learns to write.
 
 New here: everything but the model stays as it is up to stage 05 (data, training loop, loss
@@ -7,6 +8,7 @@ after token i. With one character of context it learns which letters follow whic
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
 Expect: val loss 2.49 after 3000 steps (2.48 is the best any bigram can do), in 5 s.
 """
+# %%
 import math
 import time
 
@@ -19,7 +21,13 @@ from shared.cli import parse_args, run
 from shared.data import get_batch, load_dataset
 from shared.device import build_model, select_device
 
+# the stage's name, in what it writes (in a notebook there is no file name to read)
+STAGE = "01_bigram"
+
+
 # %% Hyperparameters: the flags' defaults (batch_size is --batch-size); edit them in a notebook
+# In a notebook this list is the command line: any flag, e.g. ["--data", "poems.txt"]
+notebook_flags = []
 hyperparameters = dict(
     batch_size=32,
     block_size=32,
@@ -161,11 +169,12 @@ def generate(model, idx, max_new_tokens):
 # %% [markdown]
 # ## Run it
 # From a terminal, run this file with python; its flags change the hyperparameters (`--help`
-# lists them). In a notebook, edit the hyperparameters cell above and run all the cells again.
+# lists them). In a notebook, edit the hyperparameters cell above, its values or
+# notebook_flags, and run all the cells again.
 
 # %% Train, then sample
 def main(argv=None):
-    args = parse_args(argv, __doc__.split("\n\n")[0], hyperparameters)
+    args = parse_args(argv, STAGE, __doc__, hyperparameters)
     torch.manual_seed(args.seed)
     device = select_device(args.device)
     tokenizer, train_data, val_data = load_dataset(args.data, args.block_size)
@@ -179,7 +188,7 @@ def main(argv=None):
     history, tokens_per_second = train(model, train_data, val_data, args, device, chars_per_token)
     if args.out and history:
         path = report.save_metrics(args.out, {
-            "stage": __doc__.split(".py")[0], "config": vars(args), "parameters": n_params,
+            "stage": STAGE, "config": vars(args), "parameters": n_params,
             "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size,
             "device": str(device), "history": history, "tokens_per_second": tokens_per_second,
             "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
@@ -193,4 +202,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, notebook_flags)

@@ -1,3 +1,4 @@
+# %% [markdown]
 """02_single_head.py: one head of self-attention, so a token can look back at the ones before it.
 
 New here: token embeddings plus position embeddings (attention alone ignores order); one causal
@@ -7,6 +8,7 @@ by how well its query matches their keys; a linear LM head that turns the result
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
 Expect: val loss 2.37 after 3000 steps (bigram: 2.49), in 9 s.
 """
+# %%
 import math
 import time
 
@@ -19,7 +21,13 @@ from shared.cli import parse_args, run
 from shared.data import get_batch, load_dataset
 from shared.device import build_model, select_device
 
+# the stage's name, in what it writes (in a notebook there is no file name to read)
+STAGE = "02_single_head"
+
+
 # %% Hyperparameters: the flags' defaults (batch_size is --batch-size); edit them in a notebook
+# In a notebook this list is the command line: any flag, e.g. ["--data", "poems.txt"]
+notebook_flags = []
 hyperparameters = dict(
     batch_size=32,
     block_size=32,
@@ -192,11 +200,12 @@ def generate(model, idx, max_new_tokens):
 # %% [markdown]
 # ## Run it
 # From a terminal, run this file with python; its flags change the hyperparameters (`--help`
-# lists them). In a notebook, edit the hyperparameters cell above and run all the cells again.
+# lists them). In a notebook, edit the hyperparameters cell above, its values or
+# notebook_flags, and run all the cells again.
 
 # %% Train, then sample
 def main(argv=None):
-    args = parse_args(argv, __doc__.split("\n\n")[0], hyperparameters, has_attention=True)
+    args = parse_args(argv, STAGE, __doc__, hyperparameters, has_attention=True)
     torch.manual_seed(args.seed)
     device = select_device(args.device)
     tokenizer, train_data, val_data = load_dataset(args.data, args.block_size)
@@ -210,7 +219,7 @@ def main(argv=None):
     history, tokens_per_second = train(model, train_data, val_data, args, device, chars_per_token)
     if args.out and history:
         path = report.save_metrics(args.out, {
-            "stage": __doc__.split(".py")[0], "config": vars(args), "parameters": n_params,
+            "stage": STAGE, "config": vars(args), "parameters": n_params,
             "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size,
             "device": str(device), "history": history, "tokens_per_second": tokens_per_second,
             "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
@@ -227,4 +236,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, notebook_flags)

@@ -1,3 +1,4 @@
+# %% [markdown]
 """03_multi_head.py: multi-head attention, several narrower heads side by side.
 
 New here: n_head heads, each n_embd / n_head wide, attend independently (one may track the last
@@ -6,6 +7,7 @@ letter, another the start of the word); an output projection mixes their concate
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
 Expect: val loss 2.23 after 3000 steps (one head: 2.37), in 14 s.
 """
+# %%
 import math
 import time
 
@@ -18,7 +20,13 @@ from shared.cli import parse_args, run
 from shared.data import get_batch, load_dataset
 from shared.device import build_model, select_device
 
+# the stage's name, in what it writes (in a notebook there is no file name to read)
+STAGE = "03_multi_head"
+
+
 # %% Hyperparameters: the flags' defaults (batch_size is --batch-size); edit them in a notebook
+# In a notebook this list is the command line: any flag, e.g. ["--data", "poems.txt"]
+notebook_flags = []
 hyperparameters = dict(
     batch_size=32,
     block_size=32,
@@ -206,11 +214,12 @@ def generate(model, idx, max_new_tokens):
 # %% [markdown]
 # ## Run it
 # From a terminal, run this file with python; its flags change the hyperparameters (`--help`
-# lists them). In a notebook, edit the hyperparameters cell above and run all the cells again.
+# lists them). In a notebook, edit the hyperparameters cell above, its values or
+# notebook_flags, and run all the cells again.
 
 # %% Train, then sample
 def main(argv=None):
-    args = parse_args(argv, __doc__.split("\n\n")[0], hyperparameters, has_attention=True)
+    args = parse_args(argv, STAGE, __doc__, hyperparameters, has_attention=True)
     torch.manual_seed(args.seed)
     device = select_device(args.device)
     tokenizer, train_data, val_data = load_dataset(args.data, args.block_size)
@@ -224,7 +233,7 @@ def main(argv=None):
     history, tokens_per_second = train(model, train_data, val_data, args, device, chars_per_token)
     if args.out and history:
         path = report.save_metrics(args.out, {
-            "stage": __doc__.split(".py")[0], "config": vars(args), "parameters": n_params,
+            "stage": STAGE, "config": vars(args), "parameters": n_params,
             "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size,
             "device": str(device), "history": history, "tokens_per_second": tokens_per_second,
             "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
@@ -241,4 +250,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, notebook_flags)

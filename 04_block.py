@@ -1,3 +1,4 @@
+# %% [markdown]
 """04_block.py: the transformer block, stacked n_layer deep.
 
 New here: an MLP after attention in each block (Linear, ReLU, Linear, 4x wider inside), so each
@@ -8,6 +9,7 @@ LayerNorm, which keep a deep stack trainable; dropout (off by default: in this s
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
 Expect: val loss 1.85 after 3000 steps (no blocks: 2.23), in 40 s; a sample with names and verse.
 """
+# %%
 import math
 import time
 
@@ -20,7 +22,13 @@ from shared.cli import parse_args, run
 from shared.data import get_batch, load_dataset
 from shared.device import build_model, select_device
 
+# the stage's name, in what it writes (in a notebook there is no file name to read)
+STAGE = "04_block"
+
+
 # %% Hyperparameters: the flags' defaults (batch_size is --batch-size); edit them in a notebook
+# In a notebook this list is the command line: any flag, e.g. ["--data", "poems.txt"]
+notebook_flags = []
 hyperparameters = dict(
     batch_size=32,
     block_size=32,
@@ -246,11 +254,12 @@ def generate(model, idx, max_new_tokens):
 # %% [markdown]
 # ## Run it
 # From a terminal, run this file with python; its flags change the hyperparameters (`--help`
-# lists them). In a notebook, edit the hyperparameters cell above and run all the cells again.
+# lists them). In a notebook, edit the hyperparameters cell above, its values or
+# notebook_flags, and run all the cells again.
 
 # %% Train, then sample
 def main(argv=None):
-    args = parse_args(argv, __doc__.split("\n\n")[0], hyperparameters, has_attention=True)
+    args = parse_args(argv, STAGE, __doc__, hyperparameters, has_attention=True)
     torch.manual_seed(args.seed)
     device = select_device(args.device)
     tokenizer, train_data, val_data = load_dataset(args.data, args.block_size)
@@ -266,7 +275,7 @@ def main(argv=None):
     history, tokens_per_second = train(model, train_data, val_data, args, device, chars_per_token)
     if args.out and history:
         path = report.save_metrics(args.out, {
-            "stage": __doc__.split(".py")[0], "config": vars(args), "parameters": n_params,
+            "stage": STAGE, "config": vars(args), "parameters": n_params,
             "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size,
             "device": str(device), "history": history, "tokens_per_second": tokens_per_second,
             "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
@@ -283,4 +292,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, notebook_flags)

@@ -1,3 +1,4 @@
+# %% [markdown]
 """05_gpt.py: GPT-2, its training recipe, and four ways to sample from it.
 
 New here: the model is now exactly GPT-2 (one Linear makes every head's queries, keys and values;
@@ -12,6 +13,7 @@ Run with no flags for the run measured below (2-core CPU); --help lists the flag
 Expect: val loss 1.73 (2.50 bits/char) after 800 steps of the cpu preset, in 42 s on a 2-core CPU
 with native bfloat16; then a sample from each sampler (greedy decoding soon repeats itself).
 """
+# %%
 import math
 import time
 from dataclasses import dataclass, replace
@@ -25,8 +27,13 @@ from shared.cli import parse_args, run
 from shared.data import get_batch, load_dataset
 from shared.device import build_model, select_device
 
+# the stage's name, in what it writes (in a notebook there is no file name to read)
+STAGE = "05_gpt"
+
 
 # %% Hyperparameters: the flags' defaults (batch_size is --batch-size); edit them in a notebook
+# In a notebook this list is the command line: any flag, e.g. ["--data", "poems.txt"]
+notebook_flags = []
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # context length
@@ -406,7 +413,8 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 # %% [markdown]
 # ## Run it
 # From a terminal, run this file with python; its flags change the hyperparameters (`--help`
-# lists them). In a notebook, edit the hyperparameters cell above and run all the cells again.
+# lists them). In a notebook, edit the hyperparameters cell above, its values or
+# notebook_flags, and run all the cells again.
 
 # %% Train, then sample
 def add_flags(parser):
@@ -420,10 +428,9 @@ def add_flags(parser):
 
 
 def main(argv=None):
-    description = __doc__.split("\n\n")[0]
-    args = parse_args(argv, description, flag_defaults("cpu"), add_flags, has_attention=True)
+    args = parse_args(argv, STAGE, __doc__, flag_defaults("cpu"), add_flags, has_attention=True)
     preset = args.preset or ("cpu" if select_device(args.device).type == "cpu" else "shakespeare")
-    args = parse_args(argv, description, flag_defaults(preset), add_flags, has_attention=True)
+    args = parse_args(argv, STAGE, __doc__, flag_defaults(preset), add_flags, has_attention=True)
     torch.manual_seed(args.seed)
     device = select_device(args.device)
     args.dtype = resolve_dtype(args.dtype, device)
@@ -440,7 +447,7 @@ def main(argv=None):
     history, tokens_per_second = train(model, train_data, val_data, args, device, chars_per_token)
     if args.out and history:
         path = report.save_metrics(args.out, {
-            "stage": __doc__.split(".py")[0], "config": vars(args), "parameters": n_params,
+            "stage": STAGE, "config": vars(args), "parameters": n_params,
             "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size,
             "device": str(device), "history": history, "tokens_per_second": tokens_per_second,
             "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
@@ -460,4 +467,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, notebook_flags)

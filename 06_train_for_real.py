@@ -1,20 +1,23 @@
+# %% [markdown]
 """06_train_for_real.py: training GPT-2 for real: checkpoints, exact resume, signals, torchrun,
 GPT-2's weights.
 
 New here, all engineering and no math (with the same flags it prints exactly stage 05's losses):
-a checkpoint in --out DIR at every evaluation, written atomically, loaded with weights_only=True;
---resume, which ends on exactly the losses of an uninterrupted run (random states, data position
-and schedule come back); --sample from a checkpoint, with every sampler flag; Ctrl-C, and the
-SIGTERM that batch schedulers send before they kill a job, finish the step, write a checkpoint and
-say how to resume; a loss that stops being finite keeps the last good checkpoint; gradient
-accumulation; several processes or GPUs under torchrun (DDP over NCCL or Gloo); --init-from
-OpenAI's GPT-2 weights through Hugging Face transformers, with a fine-tuning recipe.
+a checkpoint in --out DIR at every evaluation, written atomically, loaded with weights_only=True,
+and never replaced by a new run unless it says --overwrite; --resume, which ends on exactly the
+losses of an uninterrupted run (random states, data position and schedule come back); --sample
+from a checkpoint, with every sampler flag; Ctrl-C, and the SIGTERM that batch schedulers send
+before they kill a job, finish the step, write a checkpoint and say how to resume; a loss that
+stops being finite keeps the last good checkpoint; gradient accumulation; several processes or
+GPUs under torchrun (DDP over NCCL or Gloo); --init-from OpenAI's GPT-2 weights through Hugging
+Face transformers, with a fine-tuning recipe.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
 Expect: stage 05's losses, val 1.73 after 800 steps, and its samples; the checkpoint is then in
-runs/06_train_for_real/ (--out DIR for another folder). Sample from it with
+runs/06_train_for_real/ (--out DIR for another folder), and the run says so. Sample from it with
     python 06_train_for_real.py --sample --prompt "ROMEO:" --temperature 0.8 --top-k 40 --top-p 0.95
 """
+# %%
 import gc
 import math
 import os
@@ -42,8 +45,13 @@ from shared.data import (
 )
 from shared.device import all_reduce, build_model, check_memory, select_device, setup_distributed
 
+# the stage's name, in what it writes (in a notebook there is no file name to read)
+STAGE = "06_train_for_real"
+
 
 # %% Hyperparameters: the flags' defaults (batch_size is --batch-size); edit them in a notebook
+# In a notebook this list is the command line: any flag, e.g. ["--data", "poems.txt"]
+notebook_flags = []
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # context length
@@ -451,8 +459,6 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
     return history, tokens / max(seconds - eval_seconds, 1e-9), stop.received
 
 
-STAGE = __doc__.split(".py")[0]  # checkpoints say which stage wrote them
-
 
 def rng_states():
     """Every process's random state, which decides its next batches (the data position) and its
@@ -608,7 +614,8 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 # %% [markdown]
 # ## Run it
 # From a terminal, run this file with python; its flags change the hyperparameters (`--help`
-# lists them). In a notebook, edit the hyperparameters cell above and run all the cells again.
+# lists them). In a notebook, edit the hyperparameters cell above, its values or
+# notebook_flags, and run all the cells again.
 
 # %% Train, then sample
 def add_flags(parser):
@@ -626,6 +633,8 @@ def add_flags(parser):
                         "Face tokenizer (default: char; gpt2 with --init-from)")
     parser.add_argument("--resume", action="store_true",
                         help="go on training from the checkpoint in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let a new run replace the checkpoint already in --out")
     parser.add_argument("--sample", action="store_true",
                         help="only sample, from --out or --init-from")
     parser.add_argument("--prompt", type=nonempty("some text"), help="text the samples start from")
@@ -641,11 +650,10 @@ def add_flags(parser):
 
 def parse_flags(argv):
     """The flags, over the defaults of the preset they name (or of the device's), and the preset."""
-    description = __doc__.split("\n\n")[0]
-    args = parse_args(argv, description, flag_defaults("cpu"), add_flags, has_attention=True)
+    args = parse_args(argv, STAGE, __doc__, flag_defaults("cpu"), add_flags, has_attention=True)
     preset = args.preset or ("cpu" if select_device(args.device).type == "cpu" else "shakespeare")
     defaults = flag_defaults(preset, args.init_from)
-    args = parse_args(argv, description, defaults, add_flags, has_attention=True)
+    args = parse_args(argv, STAGE, __doc__, defaults, add_flags, has_attention=True)
     if args.init_from and args.tokenizer not in (None, "gpt2"):
         raise UserError("GPT-2's weights go with GPT-2's tokens: use --tokenizer gpt2, "
                         "the default with --init-from")
@@ -654,6 +662,34 @@ def parse_flags(argv):
 
 def checkpoint_path(args):
     return Path(args.out) / "ckpt.pt"
+
+
+def starting_checkpoint(args):
+    """With --resume, the checkpoint to go on from, if it has steps left to train; for a new
+    run None, once it is clear that no trained model will be replaced without --overwrite."""
+    path = checkpoint_path(args)
+    if args.resume:
+        checkpoint = read_checkpoint(path)
+        step = checkpoint["step"]
+        if step >= args.max_iters:
+            raise UserError(f"{path} has trained its {step} steps of --max-iters; train on with "
+                            f"--resume --max-iters {2 * step}, or sample it with --sample")
+        return checkpoint
+    if path.exists() and not args.overwrite:
+        raise UserError(f"{path} holds a trained model ({trained_at(path)}); go on training it "
+                        "with --resume, start a new one with another --out, or replace it with "
+                        "--overwrite")
+    return None
+
+
+def trained_at(path):
+    """Which stage trained the checkpoint at path, and how far, read without loading its weights:
+    a memory map of the file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return f"{checkpoint['stage']}.py, step {checkpoint['step']}"
+    except Exception:
+        return "not readable as a checkpoint of this stage"
 
 
 def start_processes(args):
@@ -773,7 +809,7 @@ def main(argv=None):
         sample_only(args, device)
         return
 
-    checkpoint = read_checkpoint(checkpoint_path(args)) if args.resume else None
+    checkpoint = starting_checkpoint(args)
     tokenizer, train_data, val_data = load_text(args, checkpoint)
     # checked before training
     prompt = tokenizer.encode(args.prompt) if args.prompt else [0]
@@ -793,7 +829,7 @@ def main(argv=None):
         return
     if history:
         path = report.save_metrics(args.out, {
-            "stage": __doc__.split(".py")[0], "config": vars(args), "parameters": n_params,
+            "stage": STAGE, "config": vars(args), "parameters": n_params,
             "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size,
             "device": str(device), "history": history, "tokens_per_second": tokens_per_second,
             "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
@@ -809,9 +845,11 @@ def main(argv=None):
     print_samples(model, tokenizer, prompt, args, device, {
         "greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
         "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)})
+    print(f"the model is in {checkpoint_path(args)}; sample it with python {STAGE}.py --sample "
+          f"--out {args.out}")
     # a run Ctrl-C cut short exits with status 130, after its samples
     return stopped_by
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, notebook_flags)

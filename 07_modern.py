@@ -1,3 +1,4 @@
+# %% [markdown]
 """07_modern.py: from GPT-2 to the architecture of today's open models, and loading one (Llama,
 Qwen3).
 
@@ -12,6 +13,7 @@ training time than stage 05 takes to reach 1.73 (76 s against 96 s on a slow day
 CPU, 31 s against 34 s on a faster one); checkpoint in runs/07_modern/. A real model:
     python 07_modern.py --init-from HuggingFaceTB/SmolLM2-135M --sample --prompt ROMEO: --top-p 0.9
 """
+# %%
 import gc
 import math
 import os
@@ -39,8 +41,13 @@ from shared.data import (
 )
 from shared.device import all_reduce, build_model, check_memory, select_device, setup_distributed
 
+# the stage's name, in what it writes (in a notebook there is no file name to read)
+STAGE = "07_modern"
+
 
 # %% Hyperparameters: the flags' defaults (batch_size is --batch-size); edit them in a notebook
+# In a notebook this list is the command line: any flag, e.g. ["--data", "poems.txt"]
+notebook_flags = []
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # context length
@@ -573,8 +580,6 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
     return history, tokens / max(seconds - eval_seconds, 1e-9), stop.received
 
 
-STAGE = __doc__.split(".py")[0]  # checkpoints say which stage wrote them
-
 
 def rng_states():
     """Every process's random state, which decides its next batches (the data position) and its
@@ -728,7 +733,8 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 # %% [markdown]
 # ## Run it
 # From a terminal, run this file with python; its flags change the hyperparameters (`--help`
-# lists them). In a notebook, edit the hyperparameters cell above and run all the cells again.
+# lists them). In a notebook, edit the hyperparameters cell above, its values or
+# notebook_flags, and run all the cells again.
 
 # %% Train, then sample
 def add_flags(parser):
@@ -746,6 +752,8 @@ def add_flags(parser):
                         "Face tokenizer (default: char; with --init-from, the model's own)")
     parser.add_argument("--resume", action="store_true",
                         help="go on training from the checkpoint in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let a new run replace the checkpoint already in --out")
     parser.add_argument("--sample", action="store_true",
                         help="only sample, from --out or --init-from")
     parser.add_argument("--prompt", type=nonempty("some text"), help="text the samples start from")
@@ -761,11 +769,10 @@ def add_flags(parser):
 
 def parse_flags(argv):
     """The flags, over the defaults of the preset they name (or of the device's), and the preset."""
-    description = __doc__.split("\n\n")[0]
-    args = parse_args(argv, description, flag_defaults("cpu"), add_flags, has_attention=True)
+    args = parse_args(argv, STAGE, __doc__, flag_defaults("cpu"), add_flags, has_attention=True)
     preset = args.preset or ("cpu" if select_device(args.device).type == "cpu" else "shakespeare")
     defaults = flag_defaults(preset, args.init_from)
-    args = parse_args(argv, description, defaults, add_flags, has_attention=True)
+    args = parse_args(argv, STAGE, __doc__, defaults, add_flags, has_attention=True)
     if args.init_from and args.tokenizer not in (None, args.init_from):
         raise UserError("a model's weights go with its own tokenizer: "
                         "leave out --tokenizer with --init-from")
@@ -774,6 +781,34 @@ def parse_flags(argv):
 
 def checkpoint_path(args):
     return Path(args.out) / "ckpt.pt"
+
+
+def starting_checkpoint(args):
+    """With --resume, the checkpoint to go on from, if it has steps left to train; for a new
+    run None, once it is clear that no trained model will be replaced without --overwrite."""
+    path = checkpoint_path(args)
+    if args.resume:
+        checkpoint = read_checkpoint(path)
+        step = checkpoint["step"]
+        if step >= args.max_iters:
+            raise UserError(f"{path} has trained its {step} steps of --max-iters; train on with "
+                            f"--resume --max-iters {2 * step}, or sample it with --sample")
+        return checkpoint
+    if path.exists() and not args.overwrite:
+        raise UserError(f"{path} holds a trained model ({trained_at(path)}); go on training it "
+                        "with --resume, start a new one with another --out, or replace it with "
+                        "--overwrite")
+    return None
+
+
+def trained_at(path):
+    """Which stage trained the checkpoint at path, and how far, read without loading its weights:
+    a memory map of the file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return f"{checkpoint['stage']}.py, step {checkpoint['step']}"
+    except Exception:
+        return "not readable as a checkpoint of this stage"
 
 
 def start_processes(args):
@@ -894,7 +929,7 @@ def main(argv=None):
         sample_only(args, device)
         return
 
-    checkpoint = read_checkpoint(checkpoint_path(args)) if args.resume else None
+    checkpoint = starting_checkpoint(args)
     tokenizer, train_data, val_data = load_text(args, checkpoint)
     # checked before training
     prompt = tokenizer.encode(args.prompt) if args.prompt else [0]
@@ -914,7 +949,7 @@ def main(argv=None):
         return
     if history:
         path = report.save_metrics(args.out, {
-            "stage": __doc__.split(".py")[0], "config": vars(args), "parameters": n_params,
+            "stage": STAGE, "config": vars(args), "parameters": n_params,
             "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size,
             "device": str(device), "history": history, "tokens_per_second": tokens_per_second,
             "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
@@ -930,9 +965,11 @@ def main(argv=None):
     print_samples(model, tokenizer, prompt, args, device, {
         "greedy": dict(temperature=0), "temperature 0.8": dict(temperature=0.8),
         "top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9)})
+    print(f"the model is in {checkpoint_path(args)}; sample it with python {STAGE}.py --sample "
+          f"--out {args.out}")
     # a run Ctrl-C cut short exits with status 130, after its samples
     return stopped_by
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, notebook_flags)

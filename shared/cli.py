@@ -99,13 +99,15 @@ def in_notebook():
     return Path(sys.argv[0]).name.endswith("kernel_launcher.py")
 
 
-def parse_args(argv, description, hyperparameters, add_flags=None, has_attention=False):
+def parse_args(argv, stage, doc, hyperparameters, add_flags=None, has_attention=False):
     """Every hyperparameter of the stage becomes a flag (batch_size -> --batch-size), plus the
     flags all stages share, --plot-attention where the model has attention, and any flags that
-    add_flags(parser) adds. Bad values stop the program with one sentence and status 2. In a
-    notebook the defaults, that is the hyperparameters cell, are the settings."""
-    parser = Parser(description=description, allow_abbrev=False,
-                     formatter_class=HelpFormatter)
+    add_flags(parser) adds; --help tells the first paragraph of the stage's docstring, doc. Bad
+    values stop the program with one sentence and status 2. In a notebook, argv is the
+    notebook_flags of the hyperparameters cell, over its defaults, and --out defaults to
+    runs/<stage>, so that the pictures are drawn and shown."""
+    parser = Parser(description=(doc or stage).split("\n\n")[0], allow_abbrev=False,
+                    formatter_class=HelpFormatter)
     for name, default in hyperparameters.items():
         parser.add_argument("--" + name.replace("_", "-"), type=checked(name, type(default)),
                             default=default, help=HELP.get(name, name),
@@ -123,6 +125,8 @@ def parse_args(argv, description, hyperparameters, add_flags=None, has_attention
         parser.add_argument("--plot-attention", action="store_true",
                             help="save the attention weights for the start of the val text as "
                                  "attention.png in --out (or here)")
+    if in_notebook():
+        parser.set_defaults(out=f"runs/{stage}")
     if add_flags:
         add_flags(parser)
     args = parser.parse_args([] if argv is None and in_notebook() else argv)
@@ -150,12 +154,13 @@ def out_of_memory(err):
                                               or "not enough memory" in message)
 
 
-def run(main, prog=None):
-    """Call main(); a UserError becomes one line on stderr and exit status 2, so does running out
-    of memory. A run that Ctrl-C cut short ends with status 130 once it has done what it does on
-    the way out (save, sample), as does one main() says a signal stopped (128 + that signal's
-    number: 143 for SIGTERM). In a notebook the line is printed and the kernel lives on. The
-    errors sign with prog, by default the script's name."""
+def run(main, notebook_flags=(), prog=None):
+    """Call main(), or in a notebook main(notebook_flags); a UserError becomes one line on
+    stderr and exit status 2, so does running out of memory. A run that Ctrl-C cut short ends
+    with status 130 once it has done what it does on the way out (save, sample), as does one
+    main() says a signal stopped (128 + that signal's number: 143 for SIGTERM). In a notebook
+    the line is printed and the kernel lives on. The errors sign with prog, by default the
+    script's name."""
     prog = "" if in_notebook() else f"{prog or Path(sys.argv[0]).name}: "
     interrupted = []
 
@@ -165,7 +170,7 @@ def run(main, prog=None):
 
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        stopped_by = main()
+        stopped_by = main(list(notebook_flags)) if in_notebook() else main()
         status = 0
         if stopped_by:
             status = 128 + stopped_by

@@ -315,8 +315,8 @@ def measure_step_times(names, rounds=6, steps=8):
     steppers = {}
     for name in names:
         m, flags = ablated(name)
-        args = m.parse_args([*flags, "--out", tempfile.mkdtemp(prefix="bench-")], "",
-                            m.flag_defaults("cpu"), m.add_flags, has_attention=True)
+        args = m.parse_args([*flags, "--out", tempfile.mkdtemp(prefix="bench-")], m.STAGE,
+                            m.__doc__, m.flag_defaults("cpu"), m.add_flags, has_attention=True)
         args.dtype, args.world_size = m.resolve_dtype(args.dtype, torch.device("cpu")), 1
         torch.manual_seed(0)
         model = m.GPT(dataclasses.replace(m.PRESETS["cpu"], vocab_size=tokenizer.vocab_size,

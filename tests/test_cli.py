@@ -86,11 +86,12 @@ UNCHANGED = {
                                       "sample_next", "generate"],
     ("06_train_for_real", "07_modern"): ["estimate_loss", "progress", "check_finite",
                                          "resolve_dtype", "autocast", "train_step", "StopOnSignal",
-                                         "train", "STAGE", "rng_states", "set_rng_state",
+                                         "train", "rng_states", "set_rng_state",
                                          "save_checkpoint", "read_checkpoint",
                                          "model_from_checkpoint", "check_resumable",
                                          "load_checkpoint", "greedy", "top_k_filter",
                                          "top_p_filter", "sample_next", "checkpoint_path",
+                                         "starting_checkpoint", "trained_at",
                                          "start_processes", "describe", "train_everywhere",
                                          "print_samples"],
 }

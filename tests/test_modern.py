@@ -181,6 +181,12 @@ def test_resume_after_ctrl_c_gives_the_losses_of_an_uninterrupted_run(tmp_path, 
             == [(h["step"], h["train"], h["val"]) for h in whole])
     seconds = [h["seconds"] for h in resumed]  # one clock across the resume
     assert seconds == sorted(seconds)
+    # neither a new run nor a resume past the end replaces it
+    parts = tmp_path / "parts"
+    again = stage_error(capsys, modern.main, *flags, "--out", str(parts))
+    assert "holds a trained model (07_modern.py, step 12)" in again
+    on = stage_error(capsys, modern.main, *flags, "--resume", "--out", str(parts))
+    assert "train on with --resume --max-iters 24" in on
 
 
 def test_heads_must_share_key_value_heads_evenly(capsys):

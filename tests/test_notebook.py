@@ -5,6 +5,7 @@ import re
 import pytest
 
 from conftest import ALL_STAGES, ROOT, load_stage
+from shared import cli
 
 jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
@@ -16,13 +17,28 @@ def cell_markers(name):
 
 
 def test_every_stage_has_the_same_cells():
-    # hyperparameters, model, training, sampling, run (and its prose)
-    assert len(cell_markers("01_bigram")) == 6
+    # what is new, imports, hyperparameters, model, training, sampling, run (and its prose)
+    assert len(cell_markers("01_bigram")) == 8
     assert all(cell_markers(name) == cell_markers("01_bigram") for name in ALL_STAGES)
-    cells = jupytext.read(ROOT / "03_multi_head.py").cells
-    # what is new
-    assert cells[0].source.startswith('"""03_multi_head.py:') and "import torch" in cells[0].source
-    assert [cell.cell_type for cell in cells] == ["code"] * 5 + ["markdown", "code"]
+    for name in ALL_STAGES:
+        cells = jupytext.read(ROOT / f"{name}.py").cells
+        # the docstring, rendered as text
+        assert cells[0].cell_type == "markdown" and cells[0].source.startswith(f"{name}.py: ")
+        assert cells[0].source == load_stage(name).__doc__.strip()
+        assert cells[1].source.startswith("import ")
+        assert "notebook_flags = []" in cells[2].source
+        assert [cell.cell_type for cell in cells] == ["markdown"] + ["code"] * 5 + ["markdown",
+                                                                                  "code"]
+
+
+def test_in_a_notebook_the_pictures_go_into_runs_and_show_inline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "in_notebook", lambda: True)
+    args = cli.parse_args([], "01_bigram", None, {"lr": 0.1})
+    assert args.out == "runs/01_bigram" and (tmp_path / "runs" / "01_bigram").is_dir()
+    assert cli.parse_args(["--out", "mine"], "01_bigram", None, {"lr": 0.1}).out == "mine"
+    monkeypatch.setattr(cli, "in_notebook", lambda: False)
+    assert cli.parse_args([], "01_bigram", None, {"lr": 0.1}).out is None
 
 
 def losses(text):
@@ -35,9 +51,15 @@ def test_a_stage_runs_in_a_jupyter_kernel_as_it_runs_from_the_command_line(tmp_p
     settings = next(cell for cell in notebook.cells if "RECIPES = {" in cell.source)
     recipe = '"cpu": dict(batch_size=64, max_iters=800, eval_interval=200, eval_iters=10,'
     assert recipe in settings.source
-    # what a reader does in a notebook: change the hyperparameters in their cell, then run it all
+    # what a reader does in a notebook: change the hyperparameters in their cell, flags that are
+    # no hyperparameter in notebook_flags, then run it all
     settings.source = settings.source.replace(
         recipe, '"cpu": dict(batch_size=64, max_iters=20, eval_interval=10, eval_iters=2,')
+    text = tmp_path / "some_shakespeare.txt"
+    text.write_text((ROOT / "data" / "tinyshakespeare.txt").read_text()[:50_000])
+    flags = ["--data", str(text), "--seed", "7", "--max-new-tokens", "100"]
+    settings.source = settings.source.replace(
+        "notebook_flags = []", f"notebook_flags = {[*flags, '--out', str(tmp_path / 'nb')]}")
     # the kernel runs in tmp_path, and imports shared from here
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     nbclient.NotebookClient(notebook, kernel_name="python3", timeout=300,
@@ -48,15 +70,14 @@ def test_a_stage_runs_in_a_jupyter_kernel_as_it_runs_from_the_command_line(tmp_p
     assert not [output for output in outputs if output.output_type == "error"]
     # loss.png, inline
     assert "image/png" in {kind for output in outputs for kind in output.get("data", {})}
-    assert (tmp_path / "runs" / "06_train_for_real" / "ckpt.pt").exists()
+    assert (tmp_path / "nb" / "ckpt.pt").exists() and (tmp_path / "nb" / "loss.png").exists()
+    assert not (tmp_path / "runs").exists()
     assert re.search(r"^-{30} top-p 0\.9 -+\n.{100}", printed, re.M | re.S)  # trained, then sampled
 
-    # the script's main(), as its command line runs it, with those settings as flags (and
-    # shorter samples: greedy's first 100 tokens are those of its 500)
+    # the script's main(), as its command line runs it, with those settings as flags
     capsys.readouterr()
-    load_stage("06_train_for_real").main(["--max-iters", "20", "--eval-interval", "10",
-                                          "--eval-iters", "2", "--max-new-tokens", "100",
-                                          "--out", str(tmp_path / "script")])
+    load_stage("06_train_for_real").main([*flags, "--max-iters", "20", "--eval-interval", "10",
+                                          "--eval-iters", "2", "--out", str(tmp_path / "script")])
     script = capsys.readouterr().out
     assert len(losses(printed)) == 3 and losses(printed) == losses(script)
     greedy = script.split("-" * 30 + " greedy")[1].split("\n" + "-" * 30)[0]

@@ -17,9 +17,9 @@ def tiny_args(stage, *flags):
     their cpu recipe, in float32 and in one process."""
     flags = ["--batch-size", "8", "--block-size", "16", "--eval-iters", "4", "--seed", "0", *flags]
     if stage.__name__ in STAGES:
-        return parse_args(flags, "", stage.hyperparameters)
-    args = parse_args(["--warmup-iters", "2", *flags], "", stage.flag_defaults("cpu"),
-                      stage.add_flags)
+        return parse_args(flags, stage.STAGE, stage.__doc__, stage.hyperparameters)
+    args = parse_args(["--warmup-iters", "2", *flags], stage.STAGE, stage.__doc__,
+                      stage.flag_defaults("cpu"), stage.add_flags)
     args.dtype, args.world_size = "float32", 1
     return args
 

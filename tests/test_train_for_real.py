@@ -123,6 +123,32 @@ def test_checkpoints_load_without_running_pickled_code(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_new_run_never_replaces_a_trained_model_unless_told_to(capsys, tmp_path):
+    flags = [*TINY, "--max-iters", "2", "--eval-interval", "2", "--out", str(tmp_path)]
+    gpt.main(flags)
+    # every run ends by saying where its model is
+    assert (f"the model is in {tmp_path / 'ckpt.pt'}; sample it with python "
+            f"06_train_for_real.py --sample --out {tmp_path}") in capsys.readouterr().out
+    trained = (tmp_path / "ckpt.pt").read_bytes()
+    message = error_of(capsys, *flags, "--lr", "1e-2")
+    assert f"{tmp_path / 'ckpt.pt'} holds a trained model (06_train_for_real.py, step 2)" in message
+    assert "--resume" in message and "another --out" in message and "--overwrite" in message
+    assert (tmp_path / "ckpt.pt").read_bytes() == trained
+    # told to
+    gpt.main([*flags, "--max-iters", "4", "--overwrite"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+    # whatever the file holds
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    assert "(not readable as a checkpoint of this stage)" in error_of(capsys, *flags)
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_resuming_a_finished_run_says_how_to_train_on(capsys, trained):
+    message = error_of(capsys, *TINY, "--max-iters", "4", "--resume", "--out", str(trained))
+    assert "has trained its 4 steps of --max-iters; train on with --resume --max-iters 8" in message
+    assert "--sample" in message
+
+
 @pytest.mark.parametrize("mode", ["--sample", "--resume"])
 def test_missing_checkpoint(capsys, tmp_path, mode):
     assert "no checkpoint at" in error_of(capsys, *TINY, mode, "--out", str(tmp_path))
