@@ -143,13 +143,37 @@ def from_hugging_face(class_name, name_or_path, **options):
     logging.disable_progress_bar()
     # its warnings (a weight it could not load, say) become our own errors, one sentence each
     logging.set_verbosity_error()
+    load = getattr(transformers, class_name).from_pretrained
+    if not Path(name_or_path).is_dir():
+        try:
+            # downloaded before: no network needed
+            return load(name_or_path, local_files_only=True, **options)
+        except (OSError, ValueError):
+            pass
+        endpoint = hub_endpoint_unreachable()
+        if endpoint:
+            raise UserError(f"could not load {name_or_path!r}: it is not a folder, not in the "
+                            f"Hugging Face cache, and {endpoint} cannot be reached; download it "
+                            "once on a network (it is then cached), or give a folder written by "
+                            "save_pretrained") from None
     try:
-        return getattr(transformers, class_name).from_pretrained(name_or_path, **options)
+        return load(name_or_path, **options)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load {name_or_path!r}: it is not a folder written by "
                         "save_pretrained, and the Hugging Face hub did not provide it "
                         f"({reason})") from None
+
+
+def hub_endpoint_unreachable():
+    """The Hugging Face hub's address if it cannot be reached from here, asked once with a short
+    timeout: offline, transformers would retry each file for half a minute before it gave up."""
+    from huggingface_hub import constants, get_session
+    try:
+        get_session().head(constants.ENDPOINT, timeout=3)
+    except Exception:
+        return constants.ENDPOINT
+    return None
 
 
 def pretrained_model(name_or_path, model_types):

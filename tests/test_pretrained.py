@@ -110,3 +110,20 @@ def test_weights_that_do_not_all_load_are_refused(hf_model_folder, capsys, tmp_p
     error = stage_error(capsys, gpt.main, "--init-from", str(folder), "--sample",
                         "--out", str(tmp_path))
     assert "does not hold the weights its config describes" in error and message in error
+
+
+@pytest.mark.parametrize("flag", ["--init-from", "--tokenizer"])
+def test_a_hub_that_cannot_be_reached_is_said_at_once(capsys, monkeypatch, tmp_path, flag):
+    """Offline, transformers retries every file for half a minute before giving up; asked once
+    with a short timeout, the hub's absence is one sentence within seconds. (A closed port here
+    stands in for the hub, so that the test is the same with or without a network.)"""
+    import time
+
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    start = time.time()
+    message = stage_error(capsys, gpt.main, flag, "someone/some-model", "--out", str(tmp_path))
+    assert time.time() - start < 5
+    assert ("'someone/some-model': it is not a folder, not in the Hugging Face cache, and "
+            "http://127.0.0.1:9 cannot be reached; download it once on a network") in message
