@@ -31,11 +31,12 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shared import UserError, atomic_write, report
-from shared.cli import checked, nonempty, parse_args, run
+from shared.cli import checked, given, nonempty, parse_args, run
 from shared.data import (
     HuggingFaceTokenizer,
     get_batch,
     load_dataset,
+    pretrained_context,
     pretrained_model,
     tokenizer_from_identity,
 )
@@ -773,6 +774,9 @@ def parse_flags(argv):
     preset = args.preset or ("cpu" if select_device(args.device).type == "cpu" else "shakespeare")
     defaults = flag_defaults(preset, args.init_from)
     args = parse_args(argv, STAGE, __doc__, defaults, add_flags, has_attention=True)
+    if args.init_from and not given(argv, "--block-size"):
+        # the model's own context, up to 1,024 tokens: a step's memory grows with it
+        args.block_size = min(pretrained_context(args.init_from), 1024)
     if args.init_from and args.tokenizer not in (None, args.init_from):
         raise UserError("a model's weights go with its own tokenizer: "
                         "leave out --tokenizer with --init-from")

@@ -144,6 +144,14 @@ def parse_args(argv, stage, doc, hyperparameters, add_flags=None, has_attention=
     return args
 
 
+def given(argv, flag):
+    """Whether the command line (argv, or the process's own when None) sets flag itself, rather
+    than leaving it to its default."""
+    if argv is None:
+        argv = [] if in_notebook() else sys.argv[1:]
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+
+
 def out_of_memory(err):
     """Whether err is an allocator's refusal: PyTorch's on a GPU or a CPU, or Python's own."""
     if isinstance(err, MemoryError):

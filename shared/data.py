@@ -176,6 +176,11 @@ def hub_endpoint_unreachable():
     return None
 
 
+def pretrained_context(name_or_path):
+    """The longest context, in tokens, that a pretrained model was trained for."""
+    return from_hugging_face("AutoConfig", name_or_path).max_position_embeddings
+
+
 def pretrained_model(name_or_path, model_types):
     """A causal language model from Hugging Face, refused in one sentence unless its config is of
     one of model_types and every one of its weights loaded. transformers builds any model from

@@ -127,3 +127,11 @@ def test_a_hub_that_cannot_be_reached_is_said_at_once(capsys, monkeypatch, tmp_p
     assert time.time() - start < 5
     assert ("'someone/some-model': it is not a folder, not in the Hugging Face cache, and "
             "http://127.0.0.1:9 cannot be reached; download it once on a network") in message
+
+
+def test_the_context_defaults_to_the_pretrained_models_own(hf_model_folder, tmp_path):
+    """Its 32 tokens here, not the 1,024 of --block-size's default (GPT-2's context, and the
+    most a fine-tuning step takes by default)."""
+    gpt.main(["--init-from", str(hf_model_folder[0]), "--batch-size", "2", "--max-iters", "1",
+              "--eval-iters", "1", "--max-new-tokens", "0", "--out", str(tmp_path)])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["block_size"] == 32
