@@ -114,12 +114,16 @@ def estimate_loss(model, splits, args, device):
     return losses
 
 
-def progress(step, args, seconds, eval_seconds):
-    """Speed of the training steps so far, and how long the rest of the run will take."""
-    if step == 0:
+def progress(step, args, last_line, eval_seconds):
+    """Speed of the training steps since the last line printed (last_line: its step, time and
+    seconds of evaluation so far), and how long the rest of the run will take at that speed,
+    evaluations at their share so far: after a stall, the next line is right again."""
+    last_step, last_time, last_eval_seconds = last_line
+    if step == last_step:
         return ""
-    step_seconds = (seconds - eval_seconds) / step
-    left = seconds / step * (args.max_iters - step)
+    train_seconds = time.time() - last_time - (eval_seconds - last_eval_seconds)
+    step_seconds = max(train_seconds, 1e-9) / (step - last_step)
+    left = (step_seconds + eval_seconds / step) * (args.max_iters - step)
     tokens_per_second = args.batch_size * args.block_size / step_seconds
     return (f" | {1000 * step_seconds:.1f} ms/step, {tokens_per_second:,.0f} tok/s,"
             f" {left // 60:.0f}:{left % 60:02.0f} left")
@@ -140,8 +144,9 @@ def train(model, train_data, val_data, args, device, chars_per_token):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     splits = {"train": train_data, "val": val_data}
     history = []
-    start = last_print = time.time()
+    start = time.time()
     eval_seconds = 0.0
+    last_line = (0, start, eval_seconds)
     step = 0
     try:
         while True:
@@ -156,8 +161,8 @@ def train(model, train_data, val_data, args, device, chars_per_token):
                                 "val_bpc": bpc})
                 print(f"step {step}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, val {bpc:.3f} bits/char"
-                      + progress(step, args, seconds, eval_seconds), flush=True)
-                last_print = time.time()
+                      + progress(step, args, last_line, eval_seconds), flush=True)
+                last_line = (step, time.time(), eval_seconds)
             if step == args.max_iters:
                 break
             x, y = get_batch(train_data, args.batch_size, args.block_size, device)
@@ -167,10 +172,10 @@ def train(model, train_data, val_data, args, device, chars_per_token):
             optimizer.step()
             step += 1
             check_finite(loss.item(), step)
-            if time.time() - last_print > 5:
+            if time.time() - last_line[1] > 5:
                 print(f"step {step}: batch loss {loss.item():.4f}"
-                      + progress(step, args, time.time() - start, eval_seconds), flush=True)
-                last_print = time.time()
+                      + progress(step, args, last_line, eval_seconds), flush=True)
+                last_line = (step, time.time(), eval_seconds)
     except KeyboardInterrupt:
         print(f"\ninterrupted at step {step}; going on with the model as it is")
     seconds = time.time() - start

@@ -295,12 +295,16 @@ def estimate_loss(model, splits, args, device):
     return losses
 
 
-def progress(step, args, seconds, eval_seconds, start_step=0):
-    """Speed of the training steps so far, and how long the rest of the run will take."""
-    if step == start_step:
+def progress(step, args, last_line, eval_seconds, start_step=0):
+    """Speed of the training steps since the last line printed (last_line: its step, time and
+    seconds of evaluation so far), and how long the rest of the run will take at that speed,
+    evaluations at their share so far: after a stall, the next line is right again."""
+    last_step, last_time, last_eval_seconds = last_line
+    if step == last_step:
         return ""
-    step_seconds = (seconds - eval_seconds) / (step - start_step)
-    left = seconds / (step - start_step) * (args.max_iters - step)
+    train_seconds = time.time() - last_time - (eval_seconds - last_eval_seconds)
+    step_seconds = max(train_seconds, 1e-9) / (step - last_step)
+    left = (step_seconds + eval_seconds / (step - start_step)) * (args.max_iters - step)
     tokens = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
     return (f" | {1000 * step_seconds:.1f} ms/step, {tokens / step_seconds:,.0f}"
             f" tok/s, {left // 60:.0f}:{left % 60:02.0f} left")
@@ -415,8 +419,9 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
     # the history's clock: seconds of this run, resumes included (not the time between them)
     clock = history[-1]["seconds"] if history else 0.0
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
-    start = last_print = time.time()
+    start = time.time()
     eval_seconds = 0.0
+    last_line = (step, start, eval_seconds)
     with StopOnSignal() as stop:
         while True:
             due = step % args.eval_interval == 0 or step == args.max_iters
@@ -433,9 +438,9 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
                                 "val_bpc": bpc})
                 print(f"step {step}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, val {bpc:.3f} bits/char"
-                      + progress(step, args, seconds, eval_seconds, start_step), flush=True)
+                      + progress(step, args, last_line, eval_seconds, start_step), flush=True)
                 on_checkpoint(step, history)
-                last_print = time.time()
+                last_line = (step, time.time(), eval_seconds)
             if step >= args.max_iters:
                 break
             # every process stops together
@@ -449,11 +454,10 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
             loss = train_step(model, optimizer, batches, args, step, scaler)
             step += 1
             check_finite(all_reduce([loss])[0], step)
-            if time.time() - last_print > 5:
-                seconds = time.time() - start
+            if time.time() - last_line[1] > 5:
                 print(f"step {step}: batch loss {loss:.4f}"
-                      + progress(step, args, seconds, eval_seconds, start_step), flush=True)
-                last_print = time.time()
+                      + progress(step, args, last_line, eval_seconds, start_step), flush=True)
+                last_line = (step, time.time(), eval_seconds)
     seconds = time.time() - start
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
     tokens = (step - start_step) * tokens_per_step

@@ -1,6 +1,7 @@
 """Every stage against reference shapes, the loss at initialisation, falling loss, causality,
-attention weights and generation."""
+attention weights, generation, and the progress line."""
 import math
+import time
 
 import pytest
 import torch
@@ -86,6 +87,15 @@ def test_loss_drops_after_a_few_dozen_steps(stage):
     history = train(stage, model, train_data, val_data, args)
     assert [h["step"] for h in history] == [0, 40]
     assert history[0]["val"] - history[-1]["val"] > 0.5
+
+
+def test_the_progress_line_follows_the_recent_steps(stage):
+    """100 steps in the 10 s since the last line, 20 s of evaluation in 200 steps: 100 ms a step,
+    and 800 steps left at 100 + 100 ms each, whatever came before (a stall, a slow start)."""
+    args = tiny_args(stage, "--max-iters", "1000")
+    line = stage.progress(200, args, (100, time.time() - 10.0, 20.0), 20.0)
+    assert " | 100.0 ms/step, 1,280 tok/s, 2:40 left" in line
+    assert stage.progress(100, args, (100, time.time(), 20.0), 20.0) == ""
 
 
 def test_same_seed_same_losses(stage):
