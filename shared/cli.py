@@ -80,10 +80,15 @@ def nonempty(name):
     return convert
 
 
+# the folders check_out made, which run() removes again if the run left nothing in them
+made_folders = []
+
+
 def check_out(parser, out):
     """--out is made now, before any training, so that a folder it can't write in is found out
     before the run, not after it."""
     try:
+        made_folders.extend(p for p in [Path(out), *Path(out).parents] if not p.exists())
         Path(out).mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK):
             raise PermissionError(13, "Permission denied")
@@ -162,6 +167,18 @@ def out_of_memory(err):
                                               or "not enough memory" in message)
 
 
+def remove_empty_folders():
+    """A run that failed before it wrote anything (--sample --out a folder with no checkpoint)
+    leaves no empty folder behind: of those check_out made, the empty ones go, deepest first."""
+    for folder in made_folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            # it holds what the run wrote, or was never made
+            pass
+    made_folders.clear()
+
+
 def run(main, notebook_flags=(), prog=None):
     """Call main(), or in a notebook main(notebook_flags); a UserError becomes one line on
     stderr and exit status 2, so does running out of memory. A run that Ctrl-C cut short ends
@@ -203,5 +220,6 @@ def run(main, notebook_flags=(), prog=None):
         status = 2
     finally:
         signal.signal(signal.SIGINT, previous)
+        remove_empty_folders()
     if status and not in_notebook():
         sys.exit(status)

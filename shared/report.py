@@ -199,9 +199,13 @@ def read_runs(folders):
 
 
 def settings(run):
-    """A run's settings to compare it by: every flag but where it wrote, and its tokenizer."""
+    """A run's settings to compare it by: every flag but where it wrote, as a reader would name
+    them (the text by its file's name), and its tokenizer."""
+    config = {k: v for k, v in run["config"].items() if k != "out"}
+    if "data" in config:
+        config["data"] = Path(config["data"]).name if config["data"] else "Tiny Shakespeare"
     tokenizer = run["tokenizer"].get("name", run["tokenizer"]["kind"])
-    return {**{k: v for k, v in run["config"].items() if k != "out"}, "tokenizer": tokenizer}
+    return {**config, "tokenizer": tokenizer}
 
 
 def differences(runs):
@@ -212,7 +216,9 @@ def differences(runs):
         others = [settings(o) for o in runs if o["stage"] == this["stage"] and o is not this]
         mine = settings(this)
         differing = [k for k in mine if any(o.get(k) != mine[k] for o in others)]
-        texts.append(", ".join(f"{k.replace('_', '-')} {mine[k]}" for k in differing))
+        # a flag left unset reads "no init-from", not "init-from None"
+        texts.append(", ".join(f"{k.replace('_', '-')} {mine[k]}" if mine[k] is not None
+                               else f"no {k.replace('_', '-')}" for k in differing))
     return texts
 
 

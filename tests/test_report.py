@@ -132,8 +132,13 @@ def test_report_has_a_row_per_run_and_a_figure(runs, tmp_path):
 def test_runs_of_one_stage_are_told_apart_by_what_differs(runs, tmp_path):
     root, _ = runs
     metrics = json.loads((root / "05_gpt" / "metrics.json").read_text())
-    variants = {"char": {}, "bpe": {"tokenizer": {"kind": "tiktoken", "name": "gpt2"}},
-                "wide": {"config": {**metrics["config"], "n_embd": 48}}}
+    # as in stage 06, whose --init-from is unset unless given
+    config = {**metrics["config"], "init_from": None}
+    variants = {"char": {"config": config},
+                "bpe": {"config": config, "tokenizer": {"kind": "tiktoken", "name": "gpt2"}},
+                "wide": {"config": {**config, "n_embd": 48}},
+                "poems": {"config": {**config, "data": "/home/me/poems.txt"}},
+                "gpt2": {"config": {**config, "init_from": "gpt2"}}}
     for name, changes in variants.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps({**metrics, **changes}))
@@ -141,8 +146,12 @@ def test_runs_of_one_stage_are_told_apart_by_what_differs(runs, tmp_path):
         report.main([str(tmp_path)])
     rows = {row.split("|")[1].strip(): row.split("|")[4].strip()
             for row in (tmp_path / "report.md").read_text().splitlines()[2:]}
-    assert rows == {"bpe": "n-embd 32, tokenizer gpt2", "char": "n-embd 32, tokenizer char",
-                    "wide": "n-embd 48, tokenizer char"}
+    plain = "n-embd 32, data Tiny Shakespeare"
+    assert rows == {"bpe": f"{plain}, tokenizer gpt2, no init-from",
+                    "char": f"{plain}, tokenizer char, no init-from",
+                    "wide": "n-embd 48, data Tiny Shakespeare, tokenizer char, no init-from",
+                    "poems": "n-embd 32, data poems.txt, tokenizer char, no init-from",
+                    "gpt2": f"{plain}, tokenizer char, init-from gpt2"}
 
 
 def test_report_of_a_folder_without_runs(capsys, tmp_path):

@@ -152,6 +152,10 @@ def test_resuming_a_finished_run_says_how_to_train_on(capsys, trained):
 @pytest.mark.parametrize("mode", ["--sample", "--resume"])
 def test_missing_checkpoint(capsys, tmp_path, mode):
     assert "no checkpoint at" in error_of(capsys, *TINY, mode, "--out", str(tmp_path))
+    # and no empty folders left behind by the failed run, only those that were there before
+    nothing_here = tmp_path / "runs" / "nothing_here"
+    assert "no checkpoint at" in error_of(capsys, *TINY, mode, "--out", str(nothing_here))
+    assert tmp_path.is_dir() and not (tmp_path / "runs").exists()
 
 
 def test_sampling_flags_checked_against_the_checkpoint(capsys, trained):
