@@ -172,7 +172,9 @@ def train(model, train_data, val_data, args, device, chars_per_token):
             optimizer.step()
             step += 1
             check_finite(loss.item(), step)
-            if time.time() - last_line[1] > 5:
+            # a line every few seconds between evaluations (which print their own)
+            evaluating = step % args.eval_interval == 0 or step == args.max_iters
+            if time.time() - last_line[1] > 5 and not evaluating:
                 print(f"step {step}: batch loss {loss.item():.4f}"
                       + progress(step, args, last_line, eval_seconds), flush=True)
                 last_line = (step, time.time(), eval_seconds)

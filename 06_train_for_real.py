@@ -321,6 +321,10 @@ def check_finite(loss, step):
 def resolve_dtype(name, device):
     """auto: bfloat16 where the hardware multiplies in it natively (recent CUDA GPUs, CPUs with
     AVX-512 BF16 or AMX), float32 elsewhere."""
+    if name == "float16" and device.type == "cpu":
+        print("warning: --dtype float16 is for GPUs: CPUs have little or no fast float16 "
+              "arithmetic, and it needs loss scaling; on a CPU, bfloat16 is the 16-bit type to use "
+              "(what --dtype auto picks where the CPU multiplies in it)", file=sys.stderr)
     if name != "auto":
         return name
     if device.type == "cuda":
@@ -454,7 +458,9 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
             loss = train_step(model, optimizer, batches, args, step, scaler)
             step += 1
             check_finite(all_reduce([loss])[0], step)
-            if time.time() - last_line[1] > 5:
+            # a line every few seconds between evaluations (which print their own)
+            evaluating = step % args.eval_interval == 0 or step == args.max_iters
+            if time.time() - last_line[1] > 5 and not evaluating:
                 print(f"step {step}: batch loss {loss:.4f}"
                       + progress(step, args, last_line, eval_seconds, start_step), flush=True)
                 last_line = (step, time.time(), eval_seconds)

@@ -299,3 +299,13 @@ def test_a_signal_writes_a_checkpoint_that_resumes(tmp_path, capsys, signum):
     gpt.main([*TINY, "--max-iters", str(step + 5), "--resume", "--out", str(tmp_path)])
     resumed = capsys.readouterr().out
     assert f"resuming from step {step}" in resumed and f"step {step + 5}: train loss" in resumed
+
+
+def test_float16_on_a_cpu_is_warned_of_and_still_trains(capsys, tmp_path):
+    """CPUs have no fast float16; the run says so in one line, then trains with loss scaling."""
+    gpt.main([*TINY, "--dtype", "float16", "--device", "cpu", "--max-iters", "4",
+              "--eval-interval", "4", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "warning: --dtype float16 is for GPUs" in captured.err
+    assert "bfloat16 is the 16-bit type to use" in captured.err
+    assert "on cpu in float16" in captured.out and len(losses(captured.out)) == 2
