@@ -134,7 +134,7 @@ def parse_args(argv, stage, doc, hyperparameters, add_flags=None, has_attention=
         parser.set_defaults(out=f"runs/{stage}")
     if add_flags:
         add_flags(parser)
-    args = parser.parse_args([] if argv is None and in_notebook() else argv)
+    args = parser.parse_args(command_line(argv))
     if "n_head" in hyperparameters and args.n_embd % args.n_head:
         parser.error(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
     if "n_kv_head" in hyperparameters and args.n_head % args.n_kv_head:
@@ -149,12 +149,17 @@ def parse_args(argv, stage, doc, hyperparameters, add_flags=None, has_attention=
     return args
 
 
-def given(argv, flag):
-    """Whether the command line (argv, or the process's own when None) sets flag itself, rather
-    than leaving it to its default."""
+def command_line(argv):
+    """The flags to parse: argv, or when it is None the process's own (none in a notebook, whose
+    kernel has a command line of its own)."""
     if argv is None:
-        argv = [] if in_notebook() else sys.argv[1:]
-    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+        return [] if in_notebook() else sys.argv[1:]
+    return argv
+
+
+def given(argv, flag):
+    """Whether the command line sets flag itself, rather than leaving it to its default."""
+    return any(arg == flag or arg.startswith(flag + "=") for arg in command_line(argv))
 
 
 def out_of_memory(err):
