@@ -38,6 +38,7 @@ from shared import UserError, atomic_write, report
 from shared.cli import checked, given, nonempty, parse_args, run
 from shared.data import (
     TiktokenTokenizer,
+    check_token_ids,
     get_batch,
     load_dataset,
     pretrained_context,
@@ -726,6 +727,8 @@ def sample_only(args, device):
     else:
         model, tokenizer = load_checkpoint(checkpoint_path(args))
     prompt = tokenizer.encode(args.prompt) if args.prompt else [0]
+    if args.init_from:
+        check_token_ids([prompt], model.config.vocab_size, args.init_from)
     model.eval().to(device)
     if args.plot_attention:
         report.plot_attention(model, tokenizer, torch.tensor(prompt), args.out)
@@ -828,6 +831,8 @@ def main(argv=None):
     # checked before training
     prompt = tokenizer.encode(args.prompt) if args.prompt else [0]
     model = make_model(args, preset, tokenizer, checkpoint, device)
+    if args.init_from:
+        check_token_ids([train_data, val_data, prompt], model.config.vocab_size, args.init_from)
     optimizer = configure_optimizer(model, args)
     step, history = 0, []
     if checkpoint:

@@ -242,6 +242,15 @@ def load_dataset(path=None, block_size=8, tokenizer="char"):
     return tokenizer, train_data, val_data
 
 
+def check_token_ids(token_lists, vocab_size, model):
+    """Refuse token ids the model has no embedding for, which a tokenizer other than the model's
+    own can make: one sentence instead of an IndexError from deep inside the embedding."""
+    largest = max((int(torch.as_tensor(ids).max()) for ids in token_lists if len(ids)), default=-1)
+    if largest >= vocab_size:
+        raise UserError(f"the tokenizer makes token id {largest}, but {model} has a vocabulary "
+                        f"of {vocab_size} tokens: use the tokenizer it was trained with")
+
+
 def get_batch(data, batch_size, block_size, device, generator=None):
     """batch_size random windows of block_size tokens; the targets are the same windows shifted
     one token to the left, so position t is trained to predict token t + 1."""

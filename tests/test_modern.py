@@ -336,6 +336,17 @@ def test_a_model_needs_its_own_tokenizer(capsys, hf_folder, tmp_path):
                                               "--tokenizer", "char", "--out", str(tmp_path))
 
 
+def test_token_ids_beyond_the_models_vocabulary_are_refused(capsys, shakespeare, tmp_path):
+    """A folder whose tokenizer (300 tokens) outgrew its model's embedding (64 rows)."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "small")
+    tokenizer_for_tests(shakespeare[:50_000]).save_pretrained(tmp_path / "small")
+    message = stage_error(capsys, modern.main, "--init-from", str(tmp_path / "small"), "--sample",
+                          "--prompt", "What say you, my lord?", "--out", str(tmp_path / "out"))
+    assert "has a vocabulary of 64 tokens: use the tokenizer it was trained with" in message
+
+
 @pytest.mark.parametrize("hf_folder", ["llama GQA, tied"], indirect=True)
 def test_the_context_can_be_shortened_but_not_lengthened(capsys, hf_folder, tmp_path):
     folder, hf_model = hf_folder

@@ -112,6 +112,19 @@ def test_weights_that_do_not_all_load_are_refused(hf_model_folder, capsys, tmp_p
     assert "does not hold the weights its config describes" in error and message in error
 
 
+@pytest.mark.parametrize("flags", [["--sample", "--prompt", "ROMEO:"], ["--max-iters", "1"]])
+def test_token_ids_beyond_the_models_vocabulary_are_refused(capsys, tmp_path, flags):
+    """A GPT-2 of 1,000 tokens has no embedding for most of what GPT-2's tokenizer makes."""
+    config = transformers.GPT2Config(vocab_size=1000, n_positions=32, n_embd=32, n_layer=1,
+                                     n_head=4)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "small")
+    (tmp_path / "text.txt").write_text("ROMEO: But soft, what light through yonder window breaks?\n"
+                                       * 40)
+    message = stage_error(capsys, gpt.main, "--init-from", str(tmp_path / "small"), *flags,
+                          "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "out"))
+    assert "but " + str(tmp_path / "small") + " has a vocabulary of 1000 tokens" in message
+
+
 @pytest.mark.parametrize("flag", ["--init-from", "--tokenizer"])
 def test_a_hub_that_cannot_be_reached_is_said_at_once(capsys, monkeypatch, tmp_path, flag):
     """Offline, transformers retries every file for half a minute before giving up; asked once
