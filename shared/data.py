@@ -1,6 +1,7 @@
 """Tiny Shakespeare (or any UTF-8 text), a character tokenizer, a train/val split and batches."""
 import difflib
 import hashlib
+import json
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -47,6 +48,14 @@ def read_text(path=None):
             raise UserError(f"{DEFAULT_PATH} is not the Tiny Shakespeare file this project expects "
                             "(wrong SHA-256); delete it to download it again")
         return DEFAULT_PATH.read_text(encoding="utf-8")
+    text = read_file(path)
+    if len(text) < MIN_CHARS:
+        raise UserError(f"--data {path} has {len(text)} characters; give it at least {MIN_CHARS}")
+    return text
+
+
+def read_file(path):
+    """The text of the user's --data file, or one sentence saying why it can't be read."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -58,9 +67,53 @@ def read_text(path=None):
         raise UserError(f"--data {path} cannot be read ({err.strerror})") from None
     if "\x00" in text:
         raise UserError(f"--data {path} looks like a binary file, not text")
-    if len(text) < MIN_CHARS:
-        raise UserError(f"--data {path} has {len(text)} characters; give it at least {MIN_CHARS}")
     return text
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def read_conversations(path):
+    """Conversations from a JSONL file, one a line as {"messages": [{"role": ..., "content": ...},
+    ...]}: the format of Hugging Face chat datasets and of OpenAI's fine-tuning files. Returns the
+    conversations that have an assistant turn to learn from, and how many had none (skipped)."""
+    conversations, skipped = [], 0
+    for number, line in enumerate(read_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        problem = conversation_problem(line)
+        if problem:
+            raise UserError(f"--data {path}, line {number}: {problem}")
+        messages = [{"role": m["role"], "content": m["content"]}
+                    for m in json.loads(line)["messages"]]
+        if any(m["role"] == "assistant" for m in messages):
+            conversations.append(messages)
+        else:
+            skipped += 1
+    if not conversations:
+        raise UserError(f"--data {path} has no conversation with an assistant turn to learn from")
+    return conversations, skipped
+
+
+def conversation_problem(line):
+    """What keeps one JSONL line from being a conversation, in a few words; None if nothing."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return f"not JSON ({err.msg} at column {err.colno})"
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        return 'not an object with a "messages" list'
+    if not record["messages"]:
+        return "no messages"
+    for i, message in enumerate(record["messages"], start=1):
+        if not isinstance(message, dict):
+            return f"message {i} is not an object with a role and a content"
+        if message.get("role") not in ROLES:
+            return (f"message {i} has the role {message.get('role')!r}, "
+                    f"not one of {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            return f"message {i} has no text as its content"
+    return None
 
 
 class CharTokenizer:

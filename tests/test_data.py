@@ -130,3 +130,47 @@ def test_a_typo_of_a_tokenizer_name_is_answered_at_once(typo, meant):
     """Not taken for a Hugging Face hub name, whose look-up waits on the network."""
     with pytest.raises(UserError, match=f"--tokenizer {typo}: .* did you mean {meant}\\?"):
         data.make_tokenizer(typo, "some text")
+
+
+def jsonl(tmp_path, *lines):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+REPLY = ('{"messages": [{"role": "system", "content": "Be brief."}, '
+         '{"role": "user", "content": "Who art thou?"}, '
+         '{"role": "assistant", "content": "A friend.", "weight": 1}]}')
+
+
+def test_conversations_are_read_and_those_without_a_reply_are_counted(tmp_path):
+    no_reply = '{"messages": [{"role": "user", "content": "Anyone there?"}]}'
+    conversations, skipped = data.read_conversations(jsonl(tmp_path, REPLY, "", no_reply, REPLY))
+    assert skipped == 1
+    assert conversations == [[{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "Who art thou?"},
+                              {"role": "assistant", "content": "A friend."}]] * 2
+
+
+@pytest.mark.parametrize("line,problem", [
+    ('{"messages": [', "line 2: not JSON (Expecting value at column 15)"),
+    ('[{"role": "user", "content": "hi"}]', 'line 2: not an object with a "messages" list'),
+    ('{"messages": []}', "line 2: no messages"),
+    ('{"messages": ["hi"]}', "line 2: message 1 is not an object with a role and a content"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]}',
+     "line 2: message 2 has the role 'bot', not one of system, user, assistant"),
+    ('{"messages": [{"role": "user", "content": ["hi"]}]}',
+     "line 2: message 1 has no text as its content"),
+])
+def test_a_line_that_is_not_a_conversation_gets_one_sentence_with_its_number(tmp_path, line,
+                                                                              problem):
+    path = jsonl(tmp_path, REPLY, line)
+    with pytest.raises(UserError) as error:
+        data.read_conversations(path)
+    assert str(error.value) == f"--data {path}, {problem}"
+
+
+def test_a_file_with_nothing_to_learn_from_is_refused(tmp_path):
+    path = jsonl(tmp_path, '{"messages": [{"role": "user", "content": "Anyone there?"}]}')
+    with pytest.raises(UserError, match="no conversation with an assistant turn"):
+        data.read_conversations(path)
