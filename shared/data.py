@@ -95,6 +95,38 @@ def read_conversations(path):
     return conversations, skipped
 
 
+def shakespeare_conversations(text):
+    """Tiny Shakespeare's dialogue as conversations, split 90/10 at a speech boundary like the
+    text itself. The play is a sequence of speeches, each a speaker's name and a colon on a line of
+    its own, then the lines spoken, then a blank line. A conversation is a run of speeches that
+    goes back and forth between the same two speakers: the first speaker is the user, the one who
+    answers is the assistant; the run ends where a third speaker comes in, and a user's speech
+    left without an answer at its end is dropped. The speech across the 90% mark is left out, so
+    that no val reply was in the train text. Returns the train and val conversations."""
+    n = int(0.9 * len(text))
+    return dialogue(text[:text.rfind("\n\n", 0, n)]), dialogue(text[text.find("\n\n", n):])
+
+
+def dialogue(text):
+    """The conversations of shakespeare_conversations in one part of the text."""
+    speeches = []
+    for block in text.split("\n\n"):
+        name, _, lines = block.strip().partition(":\n")
+        if lines.strip():
+            speeches.append((name, lines.strip()))
+    conversations, run = [], []
+    for speaker, lines in speeches:
+        # a third speaker, or the same one twice, starts a new run
+        if (len(run) >= 2 and speaker != run[-2][0]) or (run and speaker == run[-1][0]):
+            conversations.append(run)
+            run = []
+        run.append((speaker, lines))
+    conversations.append(run)
+    return [[{"role": ("user", "assistant")[i % 2], "content": lines}
+             for i, (_, lines) in enumerate(run[:len(run) // 2 * 2])]
+            for run in conversations if len(run) >= 2]
+
+
 def conversation_problem(line):
     """What keeps one JSONL line from being a conversation, in a few words; None if nothing."""
     try:

@@ -174,3 +174,23 @@ def test_a_file_with_nothing_to_learn_from_is_refused(tmp_path):
     path = jsonl(tmp_path, '{"messages": [{"role": "user", "content": "Anyone there?"}]}')
     with pytest.raises(UserError, match="no conversation with an assistant turn"):
         data.read_conversations(path)
+
+
+def test_the_plays_dialogue_becomes_conversations_between_two_speakers():
+    play = ("ANNE:\nHello.\n\nBEN:\nHi.\n\nANNE:\nHow now?\nWhat news?\n\nBEN:\nWell.\n\n"
+            "CLEO:\nWho comes?\n\nANNE:\nA friend.\n\nDION:\nStay.\n\n")
+    assert data.dialogue(play) == [
+        [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."},
+         {"role": "user", "content": "How now?\nWhat news?"},
+         {"role": "assistant", "content": "Well."}],
+        [{"role": "user", "content": "Who comes?"}, {"role": "assistant", "content": "A friend."}]]
+
+
+def test_shakespeares_train_and_val_conversations_come_from_their_own_side_of_the_split(
+        shakespeare):
+    train, val = data.shakespeare_conversations(shakespeare)
+    assert (len(train), len(val)) == (1562, 241)
+    split = int(0.9 * len(shakespeare))
+    for conversations, text in [(train, shakespeare[:split]), (val, shakespeare[split:])]:
+        assert all(message["content"] in text for c in conversations for message in c)
+        assert all(c[-1]["role"] == "assistant" and len(c) % 2 == 0 for c in conversations)
