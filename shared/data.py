@@ -81,11 +81,10 @@ def read_conversations(path):
     for number, line in enumerate(read_file(path).splitlines(), start=1):
         if not line.strip():
             continue
-        problem = conversation_problem(line)
-        if problem:
-            raise UserError(f"--data {path}, line {number}: {problem}")
-        messages = [{"role": m["role"], "content": m["content"]}
-                    for m in json.loads(line)["messages"]]
+        try:
+            messages = parse_conversation(line)
+        except ValueError as problem:
+            raise UserError(f"--data {path}, line {number}: {problem}") from None
         if any(m["role"] == "assistant" for m in messages):
             conversations.append(messages)
         else:
@@ -95,14 +94,36 @@ def read_conversations(path):
     return conversations, skipped
 
 
+def parse_conversation(line):
+    """One JSONL line's messages, each its role and content only; a ValueError saying in a few
+    words what keeps the line from being a conversation."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        raise ValueError('not an object with a "messages" list')
+    if not record["messages"]:
+        raise ValueError("no messages")
+    for i, message in enumerate(record["messages"], start=1):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} is not an object with a role and a content")
+        if message.get("role") not in ROLES:
+            raise ValueError(f"message {i} has the role {message.get('role')!r}, "
+                             f"not one of {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"message {i} has no text as its content")
+    return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+
+
 def shakespeare_conversations(text):
-    """Tiny Shakespeare's dialogue as conversations, split 90/10 at a speech boundary like the
-    text itself. The play is a sequence of speeches, each a speaker's name and a colon on a line of
-    its own, then the lines spoken, then a blank line. A conversation is a run of speeches that
-    goes back and forth between the same two speakers: the first speaker is the user, the one who
-    answers is the assistant; the run ends where a third speaker comes in, and a user's speech
-    left without an answer at its end is dropped. The speech across the 90% mark is left out, so
-    that no val reply was in the train text. Returns the train and val conversations."""
+    """Tiny Shakespeare's dialogue as conversations, split 90/10 as the text is, with the speech
+    across the 90% mark left out, so that no val reply was in the train text. The play is a
+    sequence of speeches, each a speaker's name and a colon on a line of its own, then the lines
+    spoken, then a blank line. A conversation is a run of speeches that goes back and forth
+    between the same two speakers: the first speaker is the user, the one who answers is the
+    assistant; the run ends where a third speaker comes in, and a user's speech left without an
+    answer at its end is dropped. Returns the train and val conversations."""
     n = int(0.9 * len(text))
     return dialogue(text[:text.rfind("\n\n", 0, n)]), dialogue(text[text.find("\n\n", n):])
 
@@ -114,38 +135,17 @@ def dialogue(text):
         name, _, lines = block.strip().partition(":\n")
         if lines.strip():
             speeches.append((name, lines.strip()))
-    conversations, run = [], []
+    runs, run = [], []
     for speaker, lines in speeches:
         # a third speaker, or the same one twice, starts a new run
         if (len(run) >= 2 and speaker != run[-2][0]) or (run and speaker == run[-1][0]):
-            conversations.append(run)
+            runs.append(run)
             run = []
         run.append((speaker, lines))
-    conversations.append(run)
+    runs.append(run)
     return [[{"role": ("user", "assistant")[i % 2], "content": lines}
              for i, (_, lines) in enumerate(run[:len(run) // 2 * 2])]
-            for run in conversations if len(run) >= 2]
-
-
-def conversation_problem(line):
-    """What keeps one JSONL line from being a conversation, in a few words; None if nothing."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        return f"not JSON ({err.msg} at column {err.colno})"
-    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-        return 'not an object with a "messages" list'
-    if not record["messages"]:
-        return "no messages"
-    for i, message in enumerate(record["messages"], start=1):
-        if not isinstance(message, dict):
-            return f"message {i} is not an object with a role and a content"
-        if message.get("role") not in ROLES:
-            return (f"message {i} has the role {message.get('role')!r}, "
-                    f"not one of {', '.join(ROLES)}")
-        if not isinstance(message.get("content"), str):
-            return f"message {i} has no text as its content"
-    return None
+            for run in runs if len(run) >= 2]
 
 
 class CharTokenizer:
