@@ -104,7 +104,8 @@ def in_notebook():
     return Path(sys.argv[0]).name.endswith("kernel_launcher.py")
 
 
-def parse_args(argv, stage, doc, hyperparameters, add_flags=None, has_attention=False):
+def parse_args(argv, stage, doc, hyperparameters, add_flags=None, has_attention=False,
+               data_help="train on this UTF-8 text file instead of Tiny Shakespeare"):
     """Every hyperparameter of the stage becomes a flag (batch_size -> --batch-size), plus the
     flags all stages share, --plot-attention where the model has attention, and any flags that
     add_flags(parser) adds; --help tells the first paragraph of the stage's docstring, doc. Bad
@@ -120,8 +121,7 @@ def parse_args(argv, stage, doc, hyperparameters, add_flags=None, has_attention=
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="auto picks cuda, then mps, then cpu")
     parser.add_argument("--seed", type=checked("seed", int), default=1337, help="random seed")
-    parser.add_argument("--data", metavar="FILE",
-                        help="train on this UTF-8 text file instead of Tiny Shakespeare")
+    parser.add_argument("--data", metavar="FILE", help=data_help)
     parser.add_argument("--max-new-tokens", type=checked("max_new_tokens", int), default=500,
                         metavar="INT", help="length of the sample printed at the end")
     parser.add_argument("--out", type=nonempty("a folder"), metavar="DIR",

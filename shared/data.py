@@ -116,6 +116,21 @@ def parse_conversation(line):
     return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
 
 
+def load_conversations(path=None):
+    """The train and val conversations: a JSONL file's (read_conversations), split 90/10 in the
+    file's order, or with no path Tiny Shakespeare's dialogue (shakespeare_conversations)."""
+    if path is None:
+        return shakespeare_conversations(read_text())
+    found, skipped = read_conversations(path)
+    if skipped:
+        print(f"{skipped} conversation(s) of {path} have no assistant turn: skipped")
+    if len(found) < 2:
+        raise UserError(f"--data {path} has one conversation to learn from; give it at least "
+                        "two, for training and validation")
+    n = min(int(0.9 * len(found)), len(found) - 1)
+    return found[:n], found[n:]
+
+
 def shakespeare_conversations(text):
     """Tiny Shakespeare's dialogue as conversations, split 90/10 as the text is, with the speech
     across the 90% mark left out, so that no val reply was in the train text. The play is a
@@ -213,6 +228,61 @@ class HuggingFaceTokenizer:
 
     def identity(self):
         return {"kind": "huggingface", "name": self.name}
+
+
+class HuggingFaceChat:
+    """A Hugging Face model's own chat template (its tokenizer's apply_chat_template) and its
+    end-of-turn token: the special token its template puts right after a reply. Few templates mark
+    the replies ({% generation %}), so they are found in the rendered text: each message's content
+    followed by the end token, searched for in order; the tokens over a reply are learned."""
+
+    def __init__(self, tokenizer):
+        self.base = tokenizer
+        self.tokenizer = tokenizer.tokenizer
+        self.name = tokenizer.name
+        self.vocab_size = tokenizer.vocab_size
+        if not self.tokenizer.chat_template:
+            raise UserError(f"{self.name!r} has no chat template: fine-tune a model that has one "
+                            "(an instruct model), or one of this project's")
+        probe = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi!"}]
+        text = self.tokenizer.apply_chat_template(probe, tokenize=False)
+        after = text[text.rindex("Hi!") + len("Hi!"):]
+        ends = [token.content for token in self.tokenizer.added_tokens_decoder.values()
+                if after.startswith(token.content)]
+        if not ends:
+            raise UserError(f"{self.name!r}'s chat template follows a reply with {after[:20]!r}, "
+                            "not a special token that could end its turn")
+        self.end_text = max(ends, key=len)
+        self.end = self.tokenizer.convert_tokens_to_ids(self.end_text)
+
+    def render(self, messages, reply_next=False):
+        """The conversation's token ids and, for each, whether it is learned: a reply's text and
+        the end token after it. reply_next adds the template's prompt for a reply."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=reply_next)
+        replies, cursor = [], 0
+        for message in messages:
+            content = message["content"]
+            if text.find(content + self.end_text, cursor) < 0:
+                # Llama 3's template trims a message's text
+                content = content.strip()
+            start = text.find(content + self.end_text, cursor)
+            if start < 0:
+                raise UserError(f"{self.name!r}'s chat template changes the text of a message, "
+                                "so its replies cannot be found to learn them")
+            cursor = start + len(content) + len(self.end_text)
+            if message["role"] == "assistant":
+                replies.append((start, cursor))
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        learned = [any(a < end and b > start for start, end in replies)
+                   for a, b in encoded["offset_mapping"]]
+        return encoded["input_ids"], learned
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def identity(self):
+        return self.base.identity()
 
 
 def from_hugging_face(class_name, name_or_path, **options):
@@ -313,10 +383,11 @@ def tokenizer_from_identity(identity):
     return TiktokenTokenizer(identity["name"])
 
 
-def load_dataset(path=None, block_size=8, tokenizer="char"):
+def load_dataset(path=None, block_size=8, tokenizer="char", text=None):
     """The text as token ids, split 90/10 into train and val, with its tokenizer (named as
-    make_tokenizer takes it)."""
-    text = read_text(path)
+    make_tokenizer takes it). text, if given, is the text itself instead of a file's."""
+    if text is None:
+        text = read_text(path)
     tokenizer = make_tokenizer(tokenizer, text)
     data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     n = int(0.9 * len(data))

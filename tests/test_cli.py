@@ -69,7 +69,8 @@ PAIRS = list(itertools.pairwise(ALL_STAGES))
 # idea can't grow unnoticed. Raise one only for its idea, and say why in the commit.
 BUDGETS = {("01_bigram", "02_single_head"): 610, ("02_single_head", "03_multi_head"): 250,
            ("03_multi_head", "04_block"): 510, ("04_block", "05_gpt"): 3430,
-           ("05_gpt", "06_train_for_real"): 4300, ("06_train_for_real", "07_modern"): 2720}
+           ("05_gpt", "06_train_for_real"): 4300, ("06_train_for_real", "07_modern"): 2720,
+           ("07_modern", "08_chat"): 3000}
 # the loop of 01-04, whole
 COMMON = ["estimate_loss", "progress", "check_finite", "train", "generate"]
 # The definitions each stage takes over from the one before without changing a character.
@@ -94,6 +95,16 @@ UNCHANGED = {
                                          "starting_checkpoint", "trained_at",
                                          "start_processes", "describe", "train_everywhere",
                                          "print_samples"],
+    # the model and the training loop are 07's; the data, the loss and the sampling change
+    ("07_modern", "08_chat"): ["GPTConfig", "PRESETS", "KVCache", "rope_table", "rotate",
+                               "CausalSelfAttention", "causal_attention_weights", "MLP", "Block",
+                               "unsupported", "estimate_loss", "progress", "check_finite",
+                               "resolve_dtype", "autocast", "Optimizers", "configure_optimizer",
+                               "learning_rate", "train_step", "StopOnSignal", "train",
+                               "rng_states", "set_rng_state", "save_checkpoint",
+                               "model_from_checkpoint", "check_resumable", "greedy",
+                               "top_k_filter", "top_p_filter", "sample_next", "checkpoint_path",
+                               "trained_at", "start_processes", "describe"],
 }
 # main's steps, in this order, in every stage
 SKELETON = ["parse_args", "select_device", "load_dataset", "build_model", "train", "save_metrics",

@@ -119,7 +119,9 @@ def test_paths_that_are_not_what_they_should_be(capsys, tmp_path, name):
     out = ["--out", str(tmp_path)]
     assert "cannot be read (Is a directory)" in stage_error(
         capsys, main, "--data", str(tmp_path), *out)
-    assert "has 0 characters" in stage_error(capsys, main, "--data", "/dev/null", *out)
+    # the chat stage reads conversations, of which an empty file has none
+    empty = "has no conversation" if name == "08_chat" else "has 0 characters"
+    assert empty in stage_error(capsys, main, "--data", "/dev/null", *out)
 
 
 SMALLEST = {"01_bigram": [], "02_single_head": ["--n-embd", "1"],
@@ -127,12 +129,17 @@ SMALLEST = {"01_bigram": [], "02_single_head": ["--n-embd", "1"],
             **{name: ["--n-embd", "1", "--n-head", "1", "--n-layer", "1"]
                for name in ["04_block", "05_gpt", "06_train_for_real"]},
             # RoPE: pairs
-            "07_modern": ["--n-embd", "2", "--n-head", "1", "--n-kv-head", "1", "--n-layer", "1"]}
+            **{name: ["--n-embd", "2", "--n-head", "1", "--n-kv-head", "1", "--n-layer", "1"]
+               for name in ["07_modern", "08_chat"]}}
+# the context of a model: 1 token; but the chat stage needs one that a conversation fits in, and
+# the shortest of Shakespeare's val exchanges takes 20 tokens with its template
+CONTEXT = {"08_chat": "20"}
 
 
 @pytest.mark.parametrize("name", ALL_STAGES)
 def test_the_smallest_sizes_train(capsys, tmp_path, name):
-    load_stage(name).main([*quick_flags(name, tmp_path), *SMALLEST[name], "--block-size", "1",
+    load_stage(name).main([*quick_flags(name, tmp_path), *SMALLEST[name],
+                           "--block-size", CONTEXT.get(name, "1"),
                            "--batch-size", "1", "--max-new-tokens", "5"])
     assert "step 6: train loss" in capsys.readouterr().out
 

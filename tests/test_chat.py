@@ -1,0 +1,297 @@
+"""Stage 08: the chat template, the loss on the replies only, generation that stops, --chat."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import ROOT, build_model, load_stage, quick_flags, stage_error
+from shared.data import CharTokenizer, HuggingFaceChat, HuggingFaceTokenizer
+
+chat = load_stage("08_chat")
+
+CONVERSATION = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Who's there?"},
+                {"role": "assistant", "content": "Nay, answer me."},
+                {"role": "user", "content": "Long live the king!"},
+                {"role": "assistant", "content": "Bernardo?"}]
+
+
+@pytest.fixture(scope="module")
+def template(shakespeare):
+    return chat.ChatTemplate(CharTokenizer(shakespeare))
+
+
+def learned_tokens(ids, learned):
+    return [token for token, keep in zip(ids, learned, strict=True) if keep]
+
+
+def test_the_learned_tokens_are_the_replies_and_their_end_tokens(template):
+    ids, learned = template.render(CONVERSATION)
+    encode = template.tokenizer.encode
+    assert learned_tokens(ids, learned) == [*encode("Nay, answer me."), template.end,
+                                            *encode("Bernardo?"), template.end]
+    assert ids[:3] == [template.ids["<|system|>"], *encode("Be")]
+    prompt, _ = template.render(CONVERSATION[:2], reply_next=True)
+    assert prompt == ids[:len(prompt)] and prompt[-1] == template.ids["<|assistant|>"]
+    assert template.decode(ids) == "".join(m["content"] for m in CONVERSATION)
+
+
+def test_new_rows_are_the_mean_of_the_old_and_leave_the_old_logits_as_they_were(template):
+    torch.manual_seed(0)
+    model = build_model(chat, template.tokenizer.vocab_size).eval()
+    grown = chat.grow_vocabulary(model, template.vocab_size).eval()
+    for name in ("wte.weight", "lm_head.weight"):
+        old, new = model.state_dict()[name], grown.state_dict()[name]
+        assert torch.equal(new[:len(old)], old)
+        assert torch.allclose(new[len(old):], old.mean(dim=0).expand(4, -1))
+    x = torch.randint(template.tokenizer.vocab_size, (2, 12))
+    assert torch.equal(grown(x)[0][..., :len(old)], model(x)[0])
+    assert chat.grow_vocabulary(grown, template.vocab_size) is grown
+
+
+def test_the_loss_is_cross_entropy_over_the_learned_positions_alone(template):
+    torch.manual_seed(0)
+    model = build_model(chat, template.vocab_size, block_size=80)
+    (inputs, targets), _, _ = chat.fit(template, [CONVERSATION], 80)
+    logits, loss = model(inputs, targets)
+    logits.retain_grad()
+    loss.backward()
+    keep = targets != -1
+    assert keep.sum() == len("Nay, answer me.") + len("Bernardo?") + 2
+    assert torch.allclose(loss, F.cross_entropy(logits[keep], targets[keep]))
+    assert (logits.grad[~keep] == 0).all() and (logits.grad[keep] != 0).any()
+    # a batch with nothing to learn: 0, not NaN, and no gradient
+    model.zero_grad()
+    _, loss = model(inputs, torch.full_like(targets, -1))
+    loss.backward()
+    assert loss.item() == 0 and all((p.grad == 0).all() for p in model.parameters())
+
+
+def test_a_conversation_longer_than_the_context_is_cut_after_a_reply_or_dropped(template):
+    # an example is block_size + 1 tokens: the inputs and, one later, the targets
+    whole = len(template.render(CONVERSATION)[0])
+    ids, learned = template.render(CONVERSATION[:3])
+    _, cut, dropped = chat.fit(template, [CONVERSATION], whole - 1)
+    assert (cut, dropped) == (0, 0)
+    (inputs, targets), cut, dropped = chat.fit(template, [CONVERSATION] * 2, whole - 2)
+    assert (len(inputs), cut, dropped) == (2, 2, 0)
+    # cut after the first reply, its end token the last target; padding learns nothing
+    assert targets[0, :len(ids) - 1].tolist() == [token if keep else -1 for token, keep in
+                                                  zip(ids[1:], learned[1:], strict=True)]
+    assert targets[0, len(ids) - 2] == template.end and (targets[0, len(ids) - 1:] == -1).all()
+    assert inputs[0, :len(ids) - 1].tolist() == ids[:-1]
+    _, cut, dropped = chat.fit(template, [CONVERSATION, CONVERSATION[:3]], len(ids) - 2)
+    assert (cut, dropped) == (0, 2)
+
+
+def test_generation_stops_row_by_row_at_the_end_of_turn():
+    torch.manual_seed(0)
+    model = build_model(chat, 3, block_size=8)
+    prompt = torch.zeros(6, 2, dtype=torch.long)
+    torch.manual_seed(1)
+    free = chat.generate(model, prompt, 30)
+    torch.manual_seed(1)
+    stopped = chat.generate(model, prompt, 30, stop=2)
+    first_stops = []
+    for row, full in zip(stopped[:, 2:].tolist(), free[:, 2:].tolist(), strict=True):
+        end = row.index(2)
+        first_stops.append(end)
+        assert row[:end + 1] == full[:end + 1] and set(row[end:]) == {2}
+    # the rows stop at different tokens, and generation ends with the last of them
+    assert len(set(first_stops)) > 1 and stopped.size(1) == 2 + max(first_stops) + 1 < 32
+
+
+def chat_with(stage_main, out, lines, monkeypatch, capsys, *flags):
+    """--chat with lines as its standard input; what it printed."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    capsys.readouterr()
+    stage_main(["--chat", "--out", str(out), "--temperature", "0", *flags])
+    return capsys.readouterr().out
+
+
+def test_chat_keeps_the_history_and_feeds_only_the_new_tokens(quick_runs, monkeypatch, capsys):
+    root, _ = quick_runs
+    calls = []
+    stream = chat.stream
+
+    def recording(model, new_ids, cache, stop, args):
+        call = {"new": list(new_ids), "position": cache.position, "cache": cache, "reply": []}
+        calls.append(call)
+        for token in stream(model, new_ids, cache, stop, args):
+            call["reply"].append(token)
+            yield token
+
+    monkeypatch.setattr(chat, "stream", recording)
+    printed = chat_with(chat.main, root / "08_chat", ["Good morrow.", "What news?", "/quit",
+                                                      "never read"], monkeypatch, capsys,
+                        "--max-new-tokens", "8")
+    assert len(calls) == 2 and printed.count("> ") == 3
+    first, second = calls
+    template = chat.ChatTemplate(CharTokenizer(json.loads(
+        (root / "08_chat" / "metrics.json").read_text())["tokenizer"]["chars"]))
+    history = [{"role": "user", "content": "Good morrow."},
+               {"role": "assistant", "content": template.decode(first["reply"])},
+               {"role": "user", "content": "What news?"}]
+    ids, _ = template.render(history, reply_next=True)
+    # the second turn goes on in the same cache, fed only what it has not seen
+    fed = len(first["new"]) + len(first["reply"]) - 1
+    assert second["cache"] is first["cache"] and second["position"] == fed
+    assert first["new"] + first["reply"][:-1] + second["new"] == ids
+    assert template.decode(first["reply"]) in printed
+
+
+def test_chat_reads_a_pipe(quick_runs):
+    root, _ = quick_runs
+    result = subprocess.run([sys.executable, "08_chat.py", "--chat", "--out",
+                             str(root / "08_chat"), "--max-new-tokens", "5"], cwd=ROOT,
+                            input="Good morrow.\nAnd you?\n", capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith("Talk to the model") and result.stdout.count("> ") == 3
+
+
+def test_fine_tuning_lowers_the_val_reply_loss_and_ends_with_a_demo(quick_runs):
+    _, printed = quick_runs
+    out = printed["08_chat"].split("fine-tuning on conversations")[1]
+    losses = [float(line.split("val loss ")[1].split(",")[0])
+              for line in out.splitlines() if "val loss" in line]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert "------------------------------ real reply" in out
+    assert "of 3 replies ended their turn within --max-new-tokens 40" in out
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_bad_conversations_are_refused_or_skipped_and_counted(capsys, tmp_path):
+    good = json.dumps({"messages": CONVERSATION[1:3]})
+    bad = write_jsonl(tmp_path / "bad.jsonl", [good, '{"messages": [{"role": "user"}]}'])
+    assert "bad.jsonl, line 2: message 1 has no text as its content" in stage_error(
+        capsys, chat.main, "--data", bad, "--out", str(tmp_path / "run"))
+    alone = json.dumps({"messages": CONVERSATION[1:2]})
+    data = write_jsonl(tmp_path / "chats.jsonl", [good, alone, good])
+    folder = tmp_path / "run"
+    chat.main([*quick_flags("08_chat", folder), "--data", data])
+    out = capsys.readouterr().out
+    assert "1 conversation(s) of" in out and "have no assistant turn: skipped" in out
+    assert "train: 1 conversations, 0 cut" in out and "val: 1 conversations" in out
+    assert "pretraining, as stage 07 does" in out
+    message = stage_error(capsys, chat.main, *quick_flags("08_chat", tmp_path / "short"),
+                          "--data", data, "--block-size", "8")
+    assert "no train conversation has a first reply that fits in --block-size 8" in message
+
+
+def test_resume_after_ctrl_c_gives_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                       capsys):
+    flags = [*quick_flags("08_chat"), "--pretrain-iters", "4", "--max-iters", "8",
+             "--eval-interval", "4"]
+    chat.main([*flags, "--out", str(tmp_path / "whole")])
+    whole = [json.loads((tmp_path / "whole" / part / "metrics.json").read_text())["history"]
+             for part in ("pretrained", ".")]
+    train_step = chat.train_step
+    # a Ctrl-C in pretraining (its step 2), then one in fine-tuning (its step 5)
+    for phase, stop_at in (("pretrained", 2), ("parts", 5)):
+
+        def step_with_ctrl_c(model, optimizer, batches, args, step, *rest, phase=phase,
+                             stop_at=stop_at):
+            if Path(args.out).name == phase and step == stop_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return train_step(model, optimizer, batches, args, step, *rest)
+
+        monkeypatch.setattr(chat, "train_step", step_with_ctrl_c)
+        resume = ["--resume"] if phase == "parts" else []
+        chat.main([*flags, *resume, "--out", str(tmp_path / "parts")])
+        assert "--resume to go on" in capsys.readouterr().out
+    monkeypatch.undo()
+    chat.main([*flags, "--resume", "--out", str(tmp_path / "parts")])
+    parts = [json.loads((tmp_path / "parts" / part / "metrics.json").read_text())["history"]
+             for part in ("pretrained", ".")]
+    for resumed, uninterrupted in zip(parts, whole, strict=True):
+        assert ([(h["step"], h["train"], h["val"]) for h in resumed]
+                == [(h["step"], h["train"], h["val"]) for h in uninterrupted])
+    again = stage_error(capsys, chat.main, *flags, "--out", str(tmp_path / "parts"))
+    assert "holds a trained model (08_chat.py, step 8)" in again
+
+
+# ---------------------------------------------------------------------- Hugging Face chat models
+
+transformers = pytest.importorskip("transformers")
+
+# ChatML, as SmolLM2 and Qwen write it, with the {% generation %} markers few templates have
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+          "{% if message['role'] == 'assistant' %}{% generation %}"
+          "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+          "{% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chat_tokenizer(text, template=CHATML):
+    from test_modern import tokenizer_for_tests
+    tokenizer = tokenizer_for_tests(text)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def test_the_reply_mask_of_a_stock_template_equals_its_generation_markers(shakespeare, tmp_path):
+    marked = chat_tokenizer(shakespeare[:20_000])
+    expected = marked.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+    # the same template without its markers, as stock templates are
+    stock = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    chat_tokenizer(shakespeare[:20_000], stock).save_pretrained(tmp_path)
+    template = HuggingFaceChat(HuggingFaceTokenizer(str(tmp_path)))
+    assert template.end_text == "<|im_end|>"
+    ids, learned = template.render(CONVERSATION)
+    assert ids == expected["input_ids"]
+    assert learned == [bool(m) for m in expected["assistant_masks"]] and any(learned)
+    text = template.decode(learned_tokens(ids, learned))
+    assert text == "Nay, answer me.Bernardo?"
+
+
+def test_a_model_without_a_chat_template_is_refused(shakespeare, tmp_path):
+    from test_modern import tokenizer_for_tests
+    tokenizer_for_tests(shakespeare[:20_000]).save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="has no chat template"):
+        HuggingFaceChat(HuggingFaceTokenizer(str(tmp_path)))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_fine_tune_a_hugging_face_model_on_jsonl_in_its_own_template(
+        model_type, shakespeare, tmp_path, monkeypatch, capsys):
+    configs = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}
+    torch.manual_seed(0)
+    config = configs[model_type](vocab_size=320, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=128)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    folder = tmp_path / model_type
+    model.save_pretrained(folder)
+    chat_tokenizer(shakespeare[:20_000]).save_pretrained(folder)
+    train, _ = chat.load_conversations()
+    short = [c[:2] for c in train if len(c[0]["content"]) + len(c[1]["content"]) < 60][:40]
+    data = write_jsonl(tmp_path / "chats.jsonl", [json.dumps({"messages": m}) for m in short])
+    out = tmp_path / "run"
+    chat.main(["--init-from", str(folder), "--data", data, "--block-size", "64",
+               "--batch-size", "8", "--max-iters", "10", "--eval-interval", "10",
+               "--eval-iters", "2", "--lr", "3e-3", "--max-new-tokens", "4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    losses = [float(line.split("val loss ")[1].split(",")[0])
+              for line in printed.splitlines() if "val loss" in line]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert "pretraining" not in printed and "0 dropped" in printed
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["tokenizer"] == {"kind": "huggingface", "name": str(folder)}
+    assert checkpoint["config"]["vocab_size"] == 320  # its own tokens: no rows added
+    replies = chat_with(chat.main, out, ["Good morrow."], monkeypatch, capsys,
+                        "--max-new-tokens", "3")
+    assert replies.startswith("Talk to the model")
