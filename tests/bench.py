@@ -11,6 +11,9 @@
               same runs evaluated often, for their validation loss by wall-clock time
   ablations   stage 07 with each of its changes taken away in turn, at the training time of its
               default run
+  chat        python 07_modern.py and python 08_chat.py as a user runs them: each command's
+              time; the val reply loss before and after fine-tuning; how many replies to val
+              conversations end their turn within 500 new tokens, before and after
 
 Not a test (pytest does not collect it). Run it on an otherwise idle machine:
 
@@ -35,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the stages and shared/
-PARTS = ["speed", "generation", "dtype", "modern", "ablations"]
+PARTS = ["speed", "generation", "dtype", "modern", "ablations", "chat"]
 
 
 def child(*args):
@@ -207,6 +210,31 @@ def checkpoint_loss(name, folder):
     return full_validation_loss(model, val_data, model.block_size)
 
 
+def measure_stops(folder, conversations=50, new_tokens=500):
+    """Of the replies of the model that stage 08 pretrained in folder (before fine-tuning) and of
+    the one it fine-tuned, to the first message(s) of the first val conversations, how many end
+    their turn within new_tokens; one reply each, sampled at temperature 1 from a fixed seed."""
+    import torch
+
+    from shared.data import load_conversations
+    chat = stage("08_chat")
+    _, val = load_conversations()
+    args = types.SimpleNamespace(init_from=None, out=folder, block_size=64, dropout=0.0)
+    ended = {}
+    for name, out in (("before", Path(folder) / "pretrained"), ("after", Path(folder))):
+        args.init_from = str(out) if name == "before" else None
+        model, template = chat.chat_model(args)
+        torch.manual_seed(0)
+        ended[name] = 0
+        for messages in val[:conversations]:
+            first_reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompt, _ = template.render(messages[:first_reply], reply_next=True)
+            row = chat.generate(model.eval(), torch.tensor([prompt]), new_tokens,
+                                stop=template.end)[0, len(prompt):]
+            ended[name] += template.end in row.tolist()
+    return {**ended, "replies": conversations}
+
+
 # ---------------------------------------------------------------------------- ablations of stage 07
 
 def learned_positions(m):
@@ -372,7 +400,8 @@ def main():
                    "transformers": measure_hugging_face_generation,
                    "steptimes": lambda: measure_step_times(rest),
                    "ablation": lambda: run_ablation(rest[0], int(rest[1])),
-                   "loss": lambda: {"full": checkpoint_loss(*rest)}}
+                   "loss": lambda: {"full": checkpoint_loss(*rest)},
+                   "stops": lambda: measure_stops(rest[0])}
         print(json.dumps(results[kind]()))
         return
 
@@ -460,6 +489,23 @@ def main():
             print(f"  {name:<40}| "
                   f"{ms[name]:7.1f} | {steps:5} | {result['val']:8.4f} | {result['full']:.4f}",
                   flush=True)
+
+
+    if "chat" in parts:
+        runs = {name: command(name) for name in ("07_modern", "08_chat")}
+        (modern, modern_wall, _), (chat, chat_wall, folder) = runs.values()
+        pretrained = json.loads((Path(folder) / "pretrained" / "metrics.json").read_text())
+        print("python 07_modern.py and python 08_chat.py, each with its defaults: whole command")
+        print(f"  07_modern: {modern_wall:.0f} s | 08_chat: {chat_wall:.0f} s (pretraining, "
+              f"fine-tuning, demo) | ratio {chat_wall / modern_wall:.2f}x")
+        print(f"  08_chat's pretraining: val loss {pretrained['val_loss']:.4f} "
+              f"(07_modern: {modern['val_loss']:.4f})")
+        before, after = chat["history"][0], chat["history"][-1]
+        print(f"  val reply loss: {before['val']:.4f} before fine-tuning (the pretrained model "
+              f"with its new rows), {after['val']:.4f} after {after['step']} steps")
+        stops = child("stops", folder)
+        print(f"  replies to {stops['replies']} val conversations that end their turn within "
+              f"500 new tokens: {stops['before']} before, {stops['after']} after\n")
 
 
 def print_curves(runs):
