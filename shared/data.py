@@ -246,9 +246,12 @@ class HuggingFaceChat:
                             "(an instruct model), or one of this project's")
         probe = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi!"}]
         text = self.tokenizer.apply_chat_template(probe, tokenize=False)
-        after = text[text.rindex("Hi!") + len("Hi!"):]
+        after = text[text.rfind("Hi!") + len("Hi!"):]
         ends = [token.content for token in self.tokenizer.added_tokens_decoder.values()
                 if after.startswith(token.content)]
+        if "Hi!" not in text:
+            raise UserError(f"{self.name!r}'s chat template changes the text of a message, "
+                            "so its replies cannot be found to learn them")
         if not ends:
             raise UserError(f"{self.name!r}'s chat template follows a reply with {after[:20]!r}, "
                             "not a special token that could end its turn")

@@ -1,4 +1,5 @@
 """Stage 08: the chat template, the loss on the replies only, generation that stops, --chat."""
+import contextlib
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import ROOT, build_model, load_stage, quick_flags, stage_error
+from shared import UserError
 from shared.data import CharTokenizer, HuggingFaceChat, HuggingFaceTokenizer
 
 chat = load_stage("08_chat")
@@ -21,6 +23,16 @@ CONVERSATION = [{"role": "system", "content": "Be brief."},
                 {"role": "assistant", "content": "Nay, answer me."},
                 {"role": "user", "content": "Long live the king!"},
                 {"role": "assistant", "content": "Bernardo?"}]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A quick run of the stage, as quick_runs makes it, for the tests that talk to it: its folder
+    and what it printed."""
+    out = tmp_path_factory.mktemp("chat")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        chat.main([*quick_flags("08_chat", out), "--max-new-tokens", "40"])
+    return out, printed.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +128,8 @@ def chat_with(stage_main, out, lines, monkeypatch, capsys, *flags):
     return capsys.readouterr().out
 
 
-def test_chat_keeps_the_history_and_feeds_only_the_new_tokens(quick_runs, monkeypatch, capsys):
-    root, _ = quick_runs
+def test_chat_keeps_the_history_and_feeds_only_the_new_tokens(trained, monkeypatch, capsys):
+    folder, _ = trained
     calls = []
     stream = chat.stream
 
@@ -129,13 +141,13 @@ def test_chat_keeps_the_history_and_feeds_only_the_new_tokens(quick_runs, monkey
             yield token
 
     monkeypatch.setattr(chat, "stream", recording)
-    printed = chat_with(chat.main, root / "08_chat", ["Good morrow.", "What news?", "/quit",
+    printed = chat_with(chat.main, folder, ["Good morrow.", "What news?", "/quit",
                                                       "never read"], monkeypatch, capsys,
                         "--max-new-tokens", "8")
     assert len(calls) == 2 and printed.count("> ") == 3
     first, second = calls
     template = chat.ChatTemplate(CharTokenizer(json.loads(
-        (root / "08_chat" / "metrics.json").read_text())["tokenizer"]["chars"]))
+        (folder / "metrics.json").read_text())["tokenizer"]["chars"]))
     history = [{"role": "user", "content": "Good morrow."},
                {"role": "assistant", "content": template.decode(first["reply"])},
                {"role": "user", "content": "What news?"}]
@@ -147,19 +159,19 @@ def test_chat_keeps_the_history_and_feeds_only_the_new_tokens(quick_runs, monkey
     assert template.decode(first["reply"]) in printed
 
 
-def test_chat_reads_a_pipe(quick_runs):
-    root, _ = quick_runs
-    result = subprocess.run([sys.executable, "08_chat.py", "--chat", "--out",
-                             str(root / "08_chat"), "--max-new-tokens", "5"], cwd=ROOT,
+def test_chat_reads_a_pipe(trained):
+    folder, _ = trained
+    result = subprocess.run([sys.executable, "08_chat.py", "--chat", "--out", str(folder),
+                             "--max-new-tokens", "5"], cwd=ROOT,
                             input="Good morrow.\nAnd you?\n", capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert result.stdout.startswith("Talk to the model") and result.stdout.count("> ") == 3
 
 
-def test_fine_tuning_lowers_the_val_reply_loss_and_ends_with_a_demo(quick_runs):
-    _, printed = quick_runs
-    out = printed["08_chat"].split("fine-tuning on conversations")[1]
+def test_fine_tuning_lowers_the_val_reply_loss_and_ends_with_a_demo(trained):
+    _, printed = trained
+    out = printed.split("fine-tuning on conversations")[1]
     losses = [float(line.split("val loss ")[1].split(",")[0])
               for line in out.splitlines() if "val loss" in line]
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -183,8 +195,11 @@ def test_bad_conversations_are_refused_or_skipped_and_counted(capsys, tmp_path):
     chat.main([*quick_flags("08_chat", folder), "--data", data])
     out = capsys.readouterr().out
     assert "1 conversation(s) of" in out and "have no assistant turn: skipped" in out
-    assert "train: 1 conversations, 0 cut" in out and "val: 1 conversations" in out
+    assert "train: 1 conversations; in 64 tokens, 0 cut" in out and "val: 1 conversations" in out
     assert "pretraining, as stage 07 does" in out
+    one = write_jsonl(tmp_path / "one.jsonl", [good, alone])
+    assert "has one conversation to learn from" in stage_error(
+        capsys, chat.main, "--data", one, "--out", str(tmp_path / "one"))
     message = stage_error(capsys, chat.main, *quick_flags("08_chat", tmp_path / "short"),
                           "--data", data, "--block-size", "8")
     assert "no train conversation has a first reply that fits in --block-size 8" in message
@@ -258,11 +273,29 @@ def test_the_reply_mask_of_a_stock_template_equals_its_generation_markers(shakes
     assert text == "Nay, answer me.Bernardo?"
 
 
-def test_a_model_without_a_chat_template_is_refused(shakespeare, tmp_path):
+def test_templates_whose_replies_cannot_be_found_are_refused(shakespeare, tmp_path):
     from test_modern import tokenizer_for_tests
-    tokenizer_for_tests(shakespeare[:20_000]).save_pretrained(tmp_path)
-    with pytest.raises(Exception, match="has no chat template"):
-        HuggingFaceChat(HuggingFaceTokenizer(str(tmp_path)))
+    tokenizer_for_tests(shakespeare[:20_000]).save_pretrained(tmp_path / "none")
+    with pytest.raises(UserError, match="has no chat template"):
+        HuggingFaceChat(HuggingFaceTokenizer(str(tmp_path / "none")))
+    # a template that writes a reply with no special token after it: nothing to stop at
+    plain = CHATML.replace("'<|im_end|>'", "'.'").replace("<|im_end|>\\n", "\\n")
+    chat_tokenizer(shakespeare[:20_000], plain).save_pretrained(tmp_path / "plain")
+    with pytest.raises(UserError, match="not a special token that could end its turn"):
+        HuggingFaceChat(HuggingFaceTokenizer(str(tmp_path / "plain")))
+    # one that rewrites what it is given: its replies are not in its text
+    upper = CHATML.replace("message['content']", "message['content'] | upper")
+    chat_tokenizer(shakespeare[:20_000], upper).save_pretrained(tmp_path / "upper")
+    with pytest.raises(UserError, match="changes the text of a message"):
+        HuggingFaceChat(HuggingFaceTokenizer(str(tmp_path / "upper")))
+    # one that rewrites only what the users say
+    users = CHATML.replace("{{ message['content'] + '<|im_end|>\\n' }}",
+                           "{{ message['content'] | upper + '<|im_end|>\\n' }}")
+    assert users != CHATML
+    chat_tokenizer(shakespeare[:20_000], users).save_pretrained(tmp_path / "users")
+    template = HuggingFaceChat(HuggingFaceTokenizer(str(tmp_path / "users")))
+    with pytest.raises(UserError, match="changes the text of a message"):
+        template.render(CONVERSATION)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
