@@ -7,7 +7,8 @@ who speaks and end each turn, new rows of the embedding and the head; or a Huggi
 template); the loss on the assistant's replies and their end-of-turn token only; generation that
 stops at the end of its turn, row by row; --chat, which keeps the conversation and its KV cache
 from turn to turn. With no --init-from, the model to fine-tune is first pretrained as stage 07
-trains it, in the same run.
+trains it, in the same run. With no --data, the conversations are Tiny Shakespeare's dialogue: a
+run of speeches between two speakers, the first of them the user and the other the assistant.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
 Expect: stage 07's run (val loss 1.5745 at step 420), then 80 steps of fine-tuning on Tiny
