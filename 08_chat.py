@@ -1181,7 +1181,7 @@ def pretrain(args, preset, rank, device):
     if args.resume and read_checkpoint(path)["step"] >= args.max_iters:
         # pretrained already, before the run stopped
         return None
-    print(f"pretraining, as stage 07 does, into {args.out}")
+    print(f"pretraining on Tiny Shakespeare, as stage 07 does, into {args.out}")
     checkpoint = starting_checkpoint(args)
     tokenizer, train_data, val_data = load_text(args, checkpoint)
     model = make_model(args, preset, tokenizer, checkpoint, device)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,43 @@ def test_chat_reads_a_pipe(trained):
     assert result.stdout.startswith("Talk to the model") and result.stdout.count("> ") == 3
 
 
+def test_chat_prints_whole_characters_and_a_ctrl_c_stops_only_the_reply(shakespeare, tmp_path,
+                                                                        monkeypatch, capsys):
+    """A reply streamed a byte-level token at a time: "é" is two tokens, printed once whole. A
+    Ctrl-C in the second reply ends that reply; the chat goes on, with a new cache."""
+    chat_tokenizer(shakespeare[:20_000]).save_pretrained(tmp_path)
+    template = HuggingFaceChat(HuggingFaceTokenizer(str(tmp_path)))
+    reply = template.tokenizer.encode("Café!", add_special_tokens=False)
+    assert any("\ufffd" in template.decode(reply[:i]) for i in range(1, len(reply)))
+    caches = []
+
+    def stream(model, new_ids, cache, stop, args):
+        caches.append(cache)
+        yield from reply[:2]
+        if len(caches) == 2:
+            raise KeyboardInterrupt
+        yield from [*reply[2:], stop]
+
+    monkeypatch.setattr(chat, "stream", stream)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello.\nAgain.\nAnd again.\n"))
+    model = types.SimpleNamespace(block_size=64, h=[])
+    chat.chat(model, template, types.SimpleNamespace())
+    printed = capsys.readouterr().out
+    assert "> Café!\n" in printed and "\ufffd" not in printed
+    assert len(caches) == 3 and caches[2] is not caches[1]
+
+
+def test_fine_tune_the_out_folder_of_a_run_of_stage_07(tmp_path, capsys):
+    modern = load_stage("07_modern")
+    modern.main([*quick_flags("07_modern", tmp_path / "07"), "--block-size", "64"])
+    chat.main([*quick_flags("08_chat", tmp_path / "08"), "--init-from", str(tmp_path / "07")])
+    printed = capsys.readouterr().out.split("fine-tuning on conversations")[1]
+    assert "pretraining" not in printed and f"weights {tmp_path / '07'}" in printed
+    checkpoint = torch.load(tmp_path / "08" / "ckpt.pt", weights_only=True)
+    before = torch.load(tmp_path / "07" / "ckpt.pt", weights_only=True)
+    assert checkpoint["config"]["vocab_size"] == before["config"]["vocab_size"] + 4
+
+
 def test_fine_tuning_lowers_the_val_reply_loss_and_ends_with_a_demo(trained):
     _, printed = trained
     out = printed.split("fine-tuning on conversations")[1]
@@ -196,7 +234,7 @@ def test_bad_conversations_are_refused_or_skipped_and_counted(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "1 conversation(s) of" in out and "have no assistant turn: skipped" in out
     assert "train: 1 conversations; in 64 tokens, 0 cut" in out and "val: 1 conversations" in out
-    assert "pretraining, as stage 07 does" in out
+    assert "pretraining on Tiny Shakespeare, as stage 07 does" in out
     one = write_jsonl(tmp_path / "one.jsonl", [good, alone])
     assert "has one conversation to learn from" in stage_error(
         capsys, chat.main, "--data", one, "--out", str(tmp_path / "one"))
