@@ -246,12 +246,12 @@ class HuggingFaceChat:
                             "(an instruct model), or one of this project's")
         probe = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi!"}]
         text = self.tokenizer.apply_chat_template(probe, tokenize=False)
-        after = text[text.rfind("Hi!") + len("Hi!"):]
-        ends = [token.content for token in self.tokenizer.added_tokens_decoder.values()
-                if after.startswith(token.content)]
         if "Hi!" not in text:
             raise UserError(f"{self.name!r}'s chat template changes the text of a message, "
                             "so its replies cannot be found to learn them")
+        after = text[text.rindex("Hi!") + len("Hi!"):]
+        ends = [token.content for token in self.tokenizer.added_tokens_decoder.values()
+                if after.startswith(token.content)]
         if not ends:
             raise UserError(f"{self.name!r}'s chat template follows a reply with {after[:20]!r}, "
                             "not a special token that could end its turn")
@@ -386,11 +386,10 @@ def tokenizer_from_identity(identity):
     return TiktokenTokenizer(identity["name"])
 
 
-def load_dataset(path=None, block_size=8, tokenizer="char", text=None):
+def load_dataset(path=None, block_size=8, tokenizer="char"):
     """The text as token ids, split 90/10 into train and val, with its tokenizer (named as
-    make_tokenizer takes it). text, if given, is the text itself instead of a file's."""
-    if text is None:
-        text = read_text(path)
+    make_tokenizer takes it)."""
+    text = read_text(path)
     tokenizer = make_tokenizer(tokenizer, text)
     data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     n = int(0.9 * len(data))
