@@ -282,6 +282,16 @@ def unsupported(hf):
     return None
 
 
+# our module names and Hugging Face's: h.0.attn.q_proj is model.layers.0.self_attn.q_proj
+RENAMES = {"wte": "model.embed_tokens", "ln_f": "model.norm", "h": "model.layers",
+           "attn": "self_attn", "ln_1": "input_layernorm", "ln_2": "post_attention_layernorm"}
+
+
+def hugging_face_name(name):
+    """The Hugging Face name of one of our weights."""
+    return ".".join(RENAMES.get(part, part) for part in name.split("."))
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -352,14 +362,10 @@ class GPT(nn.Module):
                            dropout=dropout)
         model = cls(config)
         theirs = hf_model.state_dict()
-        # our module names and theirs: h.0.attn.q_proj is model.layers.0.self_attn.q_proj
-        renames = {"wte": "model.embed_tokens", "ln_f": "model.norm", "h": "model.layers",
-                   "attn": "self_attn", "ln_1": "input_layernorm",
-                   "ln_2": "post_attention_layernorm"}
         with torch.no_grad():
             # a tied lm_head comes as wte, once
             for name, p in model.named_parameters():
-                tensor = theirs[".".join(renames.get(part, part) for part in name.split("."))]
+                tensor = theirs[hugging_face_name(name)]
                 if tensor.shape != p.shape:
                     raise UserError(f"{name_or_path!r} has {name} of shape {tuple(tensor.shape)}, "
                                     f"where this stage's model has {tuple(p.shape)}")

@@ -26,7 +26,8 @@ HELP = {
     "grad_clip": "clip the gradient norm to this",
     "grad_accum_steps": "batches whose gradients are summed per optimizer step",
 }
-NONNEGATIVE = {"seed", "max_new_tokens", "temperature", "warmup_iters", "weight_decay"}
+NONNEGATIVE = {"seed", "max_new_tokens", "temperature", "warmup_iters", "weight_decay",
+               "lora_rank"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,7 +51,7 @@ def checked(name, kind):
                 f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-        if name == "dropout":
+        if name in ("dropout", "lora_dropout"):
             ok, rule = 0 <= value < 1, "at least 0 and below 1"
         elif name == "top_p":
             ok, rule = 0 < value <= 1, "above 0 and at most 1"

@@ -360,6 +360,28 @@ def pretrained_model(name_or_path, model_types):
     return model.eval()
 
 
+def export_pretrained(base, weights, tokenizer, folder):
+    """A save_pretrained folder of the same kind as base's Llama or Qwen3 model (its config), with
+    weights (by their Hugging Face names) in place of base's, and tokenizer (a Hugging Face one):
+    a folder that transformers, and the tools that read its models, load."""
+    model = pretrained_model(base, ["llama", "qwen3"])
+    theirs = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            theirs[name].copy_(tensor)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def weights_digest(model):
+    """The SHA-256 of a model's weights, names and bytes: any change to a weight changes it."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def make_tokenizer(name, text):
     """char: one token per character of text; a tiktoken encoding such as gpt2; any other name,
     a Hugging Face tokenizer, from the hub or a save_pretrained folder."""

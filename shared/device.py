@@ -99,10 +99,11 @@ def available_memory(device):
 
 def training_memory(model, batch_size, block_size):
     """Bytes a training step at this batch and context needs, found without taking any: the
-    model's weights and buffers, a gradient and two optimizer moments per weight, the activations
-    the forward pass keeps for the backward pass (attention matrices included), and room for the
-    two largest of them while they are differentiated. The activations are counted by running
-    the forward pass on PyTorch's meta device, where tensors have shapes but no data."""
+    model's weights and buffers, a gradient and two optimizer moments per weight that trains, the
+    activations the forward pass keeps for the backward pass (attention matrices included), and
+    room for the two largest of them while they are differentiated. The activations are counted
+    by running the forward pass on PyTorch's meta device, where tensors have shapes but no
+    data."""
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     stand_ins = {name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
                  for name, t in tensors.items()}
@@ -116,8 +117,9 @@ def training_memory(model, batch_size, block_size):
     with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
         functional_call(model, stand_ins, (idx, idx))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return 4 * weights + buffers + sum(saved) + 2 * max(saved, default=0)
+    return weights + 3 * trained + buffers + sum(saved) + 2 * max(saved, default=0)
 
 
 def gigabytes(n):

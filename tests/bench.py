@@ -14,10 +14,16 @@
   chat        python 07_modern.py and python 08_chat.py as a user runs them: each command's
               time; the val reply loss before and after fine-tuning; how many replies to val
               conversations end their turn within 500 new tokens, before and after
+  lora        python 08_chat.py and python 09_lora.py: each command's time, checkpoint size and
+              trained parameters; from one pretrained model, the val reply loss of full
+              fine-tuning and of LoRA at several ranks, targets and optimizers, by step and by
+              wall-clock time; peak memory and time a step of fine-tuning a model of
+              Qwen3-0.6B's shape (random weights), in full and with LoRA
 
 Not a test (pytest does not collect it). Run it on an otherwise idle machine:
 
-    python tests/bench.py                   # every part, about 20 minutes on 2 CPU cores
+    python tests/bench.py                   # every part, about 20 minutes on 2 CPU cores, plus
+                                            # LoRA's
     python tests/bench.py modern ablations  # some of them
 
 Each measurement runs in a process of its own, so that peak memory is that measurement's.
@@ -38,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the stages and shared/
-PARTS = ["speed", "generation", "dtype", "modern", "ablations", "chat"]
+PARTS = ["speed", "generation", "dtype", "modern", "ablations", "chat", "lora"]
 
 
 def child(*args):
@@ -210,14 +216,14 @@ def checkpoint_loss(name, folder):
     return full_validation_loss(model, val_data, model.block_size)
 
 
-def measure_stops(folder, conversations=50, new_tokens=500):
-    """Of the replies of the model that stage 08 pretrained in folder (before fine-tuning) and of
-    the one it fine-tuned, to the first message(s) of the first val conversations, how many end
+def measure_stops(folder, name="08_chat", conversations=50, new_tokens=500):
+    """Of the replies of the model that stage name pretrained in folder (before fine-tuning) and
+    of the one it fine-tuned, to the first message(s) of the first val conversations, how many end
     their turn within new_tokens; one reply each, sampled at temperature 1 from a fixed seed."""
     import torch
 
     from shared.data import load_conversations
-    chat = stage("08_chat")
+    chat = stage(name)
     _, val = load_conversations()
     args = types.SimpleNamespace(init_from=None, out=folder, block_size=64, dropout=0.0)
     ended = {}
@@ -233,6 +239,91 @@ def measure_stops(folder, conversations=50, new_tokens=500):
                                 stop=template.end)[0, len(prompt):]
             ended[name] += template.end in row.tolist()
     return {**ended, "replies": conversations}
+
+
+def lora_with_adamw(flags):
+    """python 09_lora.py with flags, its adapters trained by AdamW instead of Muon (weight decay on
+    the adapters, none on the tables): its metrics."""
+    import torch
+    lora = stage("09_lora")
+
+    def adamw(model, args):
+        adapters = [p for name, p in model.named_parameters() if "lora_" in name]
+        tables = [p for name, p in model.named_parameters()
+                  if p.requires_grad and "lora_" not in name]
+        return lora.Optimizers(torch.optim.AdamW(
+            [{"params": adapters, "weight_decay": args.weight_decay},
+             {"params": tables, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99)))
+
+    lora.configure_optimizer = adamw
+    out = tempfile.mkdtemp(prefix="bench-")
+    with contextlib.redirect_stdout(io.StringIO()):
+        lora.main([*flags, "--max-new-tokens", "0", "--out", out])
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                  max_position_embeddings=40960, rope_parameters={"rope_type": "default",
+                                                                  "rope_theta": 1000000.0},
+                  rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def qwen3_folder(folder):
+    """A save_pretrained folder of a model of Qwen3-0.6B's shape with random weights (596,049,920
+    parameters), with a small ChatML tokenizer; and a JSONL file of Shakespeare's conversations."""
+    import torch
+    import transformers
+
+    from shared.data import load_conversations, read_text
+    from test_chat import chat_tokenizer
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3_0_6B)).save_pretrained(folder)
+    chat_tokenizer(read_text()[:20_000]).save_pretrained(folder)
+    train, _ = load_conversations()
+    lines = [json.dumps({"messages": messages}) for messages in train]
+    (Path(folder) / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    return {}
+
+
+def measure_qwen3_step(folder, rank, steps=4):
+    """Fine-tuning the model in folder with python 09_lora.py --lora-rank rank (0: every weight),
+    batch 1 of 256 tokens: the milliseconds a step of its last two, and the peak memory of the whole
+    process and of training alone (loading holds Hugging Face's copy of the weights and ours)."""
+    import threading
+    lora = stage("09_lora")
+    train, peak = lora.train, [0]
+
+    def sampled(*args, **kwargs):
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.05):
+                with open("/proc/self/statm") as f:
+                    peak[0] = max(peak[0], int(f.read().split()[1]) * resource.getpagesize())
+
+        thread = threading.Thread(target=sample)
+        thread.start()
+        try:
+            return train(*args, **kwargs)
+        finally:
+            done.set()
+            thread.join()
+
+    lora.train = sampled
+    out = tempfile.mkdtemp(prefix="bench-")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        lora.main(["--init-from", folder, "--data", str(Path(folder) / "chats.jsonl"),
+                   "--lora-rank", rank, "--batch-size", "1", "--block-size", "256",
+                   "--max-iters", str(steps), "--eval-interval", "2", "--eval-iters", "1",
+                   "--max-new-tokens", "0", "--out", out])
+    last = [line for line in printed.getvalue().splitlines() if "ms/step" in line][-1]
+    trained = [line for line in printed.getvalue().splitlines() if "of them trained" in line]
+    return {"ms_per_step": float(last.split(" | ")[1].split(" ms/step")[0].replace(",", "")),
+            "peak_mb": peak_memory_mb(types.SimpleNamespace(type="cpu")),
+            "training_peak_mb": peak[0] / 2**20,
+            "checkpoint_mb": (Path(out) / "ckpt.pt").stat().st_size / 2**20,
+            "trained": trained[0].split(" of them")[0] if trained else "all"}
 
 
 # ---------------------------------------------------------------------------- ablations of stage 07
@@ -401,7 +492,11 @@ def main():
                    "steptimes": lambda: measure_step_times(rest),
                    "ablation": lambda: run_ablation(rest[0], int(rest[1])),
                    "loss": lambda: {"full": checkpoint_loss(*rest)},
-                   "stops": lambda: measure_stops(rest[0])}
+                   "stops": lambda: measure_stops(*rest),
+                   # flags as JSON: the child's own parser would take them for its own
+                   "adamw": lambda: lora_with_adamw(json.loads(rest[0])),
+                   "qwen3": lambda: qwen3_folder(rest[0]),
+                   "qwen3step": lambda: measure_qwen3_step(*rest)}
         print(json.dumps(results[kind]()))
         return
 
@@ -506,6 +601,57 @@ def main():
         stops = child("stops", folder)
         print(f"  replies to {stops['replies']} val conversations that end their turn within "
               f"500 new tokens: {stops['before']} before, {stops['after']} after\n")
+
+    if "lora" in parts:
+        measure_lora()
+
+
+def measure_lora():
+    runs = {name: command(name) for name in ("08_chat", "09_lora")}
+    (chat, chat_wall, chat_folder), (lora, lora_wall, folder) = runs.values()
+    import torch
+    adapters = torch.load(Path(folder) / "ckpt.pt", weights_only=True)["model"]
+    print("python 08_chat.py and python 09_lora.py, each with its defaults")
+    print(f"  whole command: 08_chat {chat_wall:.0f} s | 09_lora {lora_wall:.0f} s | ratio "
+          f"{lora_wall / chat_wall:.2f}x")
+    print(f"  parameters {lora['parameters']:,}, of which trained by 09_lora "
+          f"{sum(t.numel() for t in adapters.values()):,}")
+    sizes = [(Path(f) / "ckpt.pt").stat().st_size / 2**10 for f in (chat_folder, folder)]
+    print(f"  checkpoint: 08_chat {sizes[0]:,.0f} KiB | 09_lora {sizes[1]:,.0f} KiB (its base, "
+          f"{(Path(folder) / 'pretrained' / 'ckpt.pt').stat().st_size / 2**10:,.0f} KiB, apart)")
+    for name, metrics in (("08_chat", chat), ("09_lora", lora)):
+        before, after = metrics["history"][0], metrics["history"][-1]
+        print(f"  {name}: val reply loss {before['val']:.4f} -> {after['val']:.4f} "
+              f"after {after['step']} steps")
+    stops = child("stops", folder, "09_lora")
+    print(f"  09_lora: replies to {stops['replies']} val conversations that end their turn within "
+          f"500 new tokens: {stops['before']} before, {stops['after']} after\n")
+
+    base = ["--init-from", str(Path(folder) / "pretrained"), "--max-new-tokens", "0"]
+    settings = {"full (rank 0)": ["--lora-rank", "0"],
+                **{f"rank {r}": ["--lora-rank", str(r), "--lora-alpha", str(2 * r)]
+                   for r in (1, 4, 8, 16, 32)},
+                "rank 8, q v only": ["--lora-targets", "q_proj", "v_proj"]}
+    curves = {name: command("09_lora", *base, *flags) for name, flags in settings.items()}
+    for lr in ("1e-3", "2e-3"):
+        curves[f"rank 8, AdamW {lr}"] = (child("adamw", json.dumps([*base, "--lr", lr])), 0, None)
+    print("fine-tuning the pretrained model of python 09_lora.py on the Shakespeare chat, "
+          "80 steps each (LoRA: 4x the learning rate, alpha = 2 r)")
+    tokens = lora["config"]["batch_size"] * lora["config"]["block_size"]
+    for name, (metrics, _, _) in curves.items():
+        print(f"  {name:<22}| {1000 * tokens / metrics['tokens_per_second']:6.1f} ms/step")
+    print_curves(curves)
+
+    with tempfile.TemporaryDirectory() as qwen3:
+        child("qwen3", qwen3)
+        print("\nfine-tuning a model of Qwen3-0.6B's shape (random weights, 596,049,920 "
+              "parameters), batch 1 x 256 tokens, bfloat16 autocast")
+        print("  rank | trained | ms/step | peak of training | peak of the process | checkpoint")
+        for rank in ("0", "8"):
+            step = child("qwen3step", qwen3, rank)
+            print(f"  {rank:>4} | {step['trained']:>11} | {step['ms_per_step']:7,.0f} | "
+                  f"{step['training_peak_mb'] / 1024:13.1f} GB | {step['peak_mb'] / 1024:16.1f} GB"
+                  f" | {step['checkpoint_mb']:,.0f} MB", flush=True)
 
 
 def print_curves(runs):

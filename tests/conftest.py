@@ -19,21 +19,24 @@ from shared.data import CharTokenizer, read_text
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["01_bigram", "02_single_head", "03_multi_head", "04_block"]  # built by build_model below
-GPT_STAGES = ["05_gpt", "06_train_for_real", "07_modern", "08_chat"]
+GPT_STAGES = ["05_gpt", "06_train_for_real", "07_modern", "08_chat", "09_lora"]
 ALL_STAGES = STAGES + GPT_STAGES
+# the stages that fine-tune a model on conversations
+CHAT_STAGES = ["08_chat", "09_lora"]
 # a few steps of any stage; the GPT stages at a small size instead of their cpu preset
 QUICK = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2", "--max-new-tokens", "0",
          "--seed", "0"]
 SMALL_GPT = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4",
              "--block-size", "16", "--warmup-iters", "2"]
-# the chat stage pretrains first, and needs a context that Shakespeare's short exchanges fit in
+# the chat stages pretrain first, and need a context that Shakespeare's short exchanges fit in
 CHAT = ["--pretrain-iters", "6", "--block-size", "64"]
 
 
 def quick_flags(name, out=None):
     """Flags for a quick run of stage name (writing into out, if given)."""
     return [*QUICK, *(SMALL_GPT if name in GPT_STAGES else []),
-            *(CHAT if name == "08_chat" else []), *(["--out", str(out)] if out else [])]
+            *(CHAT if name in CHAT_STAGES else []),
+            *(["--out", str(out)] if out else [])]
 
 
 def load_stage(name):

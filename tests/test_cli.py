@@ -70,7 +70,9 @@ PAIRS = list(itertools.pairwise(ALL_STAGES))
 BUDGETS = {("01_bigram", "02_single_head"): 610, ("02_single_head", "03_multi_head"): 250,
            ("03_multi_head", "04_block"): 510, ("04_block", "05_gpt"): 3430,
            ("05_gpt", "06_train_for_real"): 4300, ("06_train_for_real", "07_modern"): 2720,
-           ("07_modern", "08_chat"): 3450}
+           ("07_modern", "08_chat"): 3450,
+           # the 2,000 that stage 09's idea was given
+           ("08_chat", "09_lora"): 2000}
 # the loop of 01-04, whole
 COMMON = ["estimate_loss", "progress", "check_finite", "train", "generate"]
 # The definitions each stage takes over from the one before without changing a character.
@@ -105,6 +107,20 @@ UNCHANGED = {
                                "model_from_checkpoint", "check_resumable", "greedy",
                                "top_k_filter", "top_p_filter", "sample_next", "checkpoint_path",
                                "trained_at", "start_processes", "describe"],
+    # LoRA changes what trains, and what a checkpoint holds; the rest is 08's
+    ("08_chat", "09_lora"): ["GPTConfig", "PRESETS", "RECIPES", "KVCache", "rope_table", "rotate",
+                             "CausalSelfAttention", "causal_attention_weights", "MLP", "Block",
+                             "unsupported", "hugging_face_name", "grow_vocabulary",
+                             "ChatTemplate", "fit", "fine_tuning_data", "get_batch",
+                             "estimate_loss", "progress", "check_finite", "resolve_dtype",
+                             "autocast", "Optimizers", "learning_rate", "train_step",
+                             "StopOnSignal", "train", "rng_states", "set_rng_state",
+                             "model_from_checkpoint", "greedy", "top_k_filter", "top_p_filter",
+                             "sample_next", "generate", "stream", "chat", "checkpoint_path",
+                             "starting_checkpoint", "trained_at", "start_processes",
+                             "sample_only", "load_text", "make_model", "train_everywhere",
+                             "leave_together", "print_samples", "demo", "pretrain",
+                             "train_model"],
 }
 # main's steps, in this order, in every stage
 SKELETON = ["parse_args", "select_device", "load_dataset", "build_model", "train", "save_metrics",

@@ -13,7 +13,15 @@ import matplotlib.image
 import pytest
 import torch
 
-from conftest import ALL_STAGES, GPT_STAGES, ROOT, build_model, load_stage, stage_error
+from conftest import (
+    ALL_STAGES,
+    CHAT_STAGES,
+    GPT_STAGES,
+    ROOT,
+    build_model,
+    load_stage,
+    stage_error,
+)
 from shared import report
 
 
@@ -45,7 +53,7 @@ def test_runs_end_to_end(runs, name):
     assert [int(step) for step, *_ in lines] == [0, 3, 6]
     assert "ms/step" in out and "left" in out
     separator = r"^-{30} top-p 0\.9 -+\n" if name in GPT_STAGES else "^-{80}\n"
-    if name == "08_chat":
+    if name in CHAT_STAGES:
         separator = r"^-{30} the model's -+\n"
     sample = re.split(separator, out, flags=re.M)[-1]
     assert len(sample) >= 40  # 40 new characters after the start token
@@ -62,8 +70,8 @@ def test_metrics_follow_the_schema_and_the_printed_losses(runs, name):
     assert set(metrics) == set(report.METRICS_FIELDS)
     assert report.read_runs([root / name]) == [{"run": name, **metrics}]
     assert metrics["stage"] == name and metrics["config"]["max_iters"] == 6
-    # the chat stage's template adds 4 tokens
-    markers = 4 if name == "08_chat" else 0
+    # the chat stages' template adds 4 tokens
+    markers = 4 if name in CHAT_STAGES else 0
     assert (metrics["tokenizer"]["kind"] == "char"
             and metrics["vocab_size"] == len(metrics["tokenizer"]["chars"]) + markers)
     assert f"{metrics['parameters']:,} parameters" in trained(printed, name)
@@ -76,8 +84,8 @@ def test_metrics_follow_the_schema_and_the_printed_losses(runs, name):
     assert seconds == sorted(seconds) and metrics["tokens_per_second"] > 0
     last = metrics["history"][-1]
     assert (metrics["train_loss"], metrics["val_loss"]) == (last["train"], last["val"])
-    # one token is one character; in the chat stage's replies an end token has none
-    if name == "08_chat":
+    # one token is one character; in the chat stages' replies an end token has none
+    if name in CHAT_STAGES:
         assert metrics["val_bpc"] > last["val"] / math.log(2)
     else:
         assert metrics["val_bpc"] == pytest.approx(last["val"] / math.log(2))

@@ -9,7 +9,16 @@ import time
 import pytest
 import torch
 
-from conftest import ALL_STAGES, GPT_STAGES, ROOT, STAGES, load_stage, quick_flags, stage_error
+from conftest import (
+    ALL_STAGES,
+    CHAT_STAGES,
+    GPT_STAGES,
+    ROOT,
+    STAGES,
+    load_stage,
+    quick_flags,
+    stage_error,
+)
 from shared.cli import run
 from shared.data import get_batch
 
@@ -119,8 +128,8 @@ def test_paths_that_are_not_what_they_should_be(capsys, tmp_path, name):
     out = ["--out", str(tmp_path)]
     assert "cannot be read (Is a directory)" in stage_error(
         capsys, main, "--data", str(tmp_path), *out)
-    # the chat stage reads conversations, of which an empty file has none
-    empty = "has no conversation" if name == "08_chat" else "has 0 characters"
+    # the chat stages read conversations, of which an empty file has none
+    empty = "has no conversation" if name in CHAT_STAGES else "has 0 characters"
     assert empty in stage_error(capsys, main, "--data", "/dev/null", *out)
 
 
@@ -130,10 +139,13 @@ SMALLEST = {"01_bigram": [], "02_single_head": ["--n-embd", "1"],
                for name in ["04_block", "05_gpt", "06_train_for_real"]},
             # RoPE: pairs
             **{name: ["--n-embd", "2", "--n-head", "1", "--n-kv-head", "1", "--n-layer", "1"]
-               for name in ["07_modern", "08_chat"]}}
-# the context of a model: 1 token; but the chat stage needs one that a conversation fits in, and
+               for name in ["07_modern", "08_chat"]},
+            # and adapters of rank 1 at most
+            "09_lora": ["--n-embd", "2", "--n-head", "1", "--n-kv-head", "1", "--n-layer", "1",
+                        "--lora-rank", "1"]}
+# the context of a model: 1 token; but the chat stages need one that a conversation fits in, and
 # the shortest of Shakespeare's val exchanges takes 20 tokens with its template
-CONTEXT = {"08_chat": "20"}
+CONTEXT = {name: "20" for name in CHAT_STAGES}
 
 
 @pytest.mark.parametrize("name", ALL_STAGES)
