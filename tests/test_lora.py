@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from conftest import build_model, load_stage, quick_flags, stage_error
+from shared import device
 from shared.data import weights_digest
 from test_chat import chat_tokenizer, write_jsonl
 
@@ -126,6 +127,18 @@ def test_only_the_adapters_and_the_new_rows_train_and_the_base_stays_bit_identic
     assert lora.adapter_state(model)["wte.weight"].shape == (4, 24)
 
 
+def test_the_memory_estimate_counts_a_gradient_and_two_moments_for_trained_weights_only():
+    model = build_model(lora, 69, n_embd=64, n_head=4, dropout=0.0)
+    full = device.training_memory(model, 4, 16)
+    frozen = sum(p.numel() * 4 for p in model.parameters())
+    lora.add_lora(model, settings(model, rank=1))
+    adapters = sum(p.numel() * 4 for name, p in model.named_parameters() if "lora_" in name)
+    # every weight is kept, but no gradient or moments for the frozen ones (nor the inputs that
+    # their gradients would need)
+    assert frozen + 4 * adapters < device.training_memory(model, 4, 16) < full - 2 * frozen
+    assert adapters < frozen / 10
+
+
 def test_a_checkpoint_holds_the_adapters_and_merging_gives_stage_08_the_same_model(
         trained, capsys):
     checkpoint = torch.load(trained / "ckpt.pt", weights_only=True)
@@ -142,9 +155,11 @@ def test_a_checkpoint_holds_the_adapters_and_merging_gives_stage_08_the_same_mod
     x = torch.randint(69, (2, 16))
     with torch.no_grad():
         assert (model.eval()(x)[0] - merged.eval()(x)[0]).abs().max() <= 1e-5
-    chat.main(["--sample", "--out", str(trained / "merged"), "--prompt", "Good morrow.",
-               "--max-new-tokens", "5"])
-    assert "reply" in capsys.readouterr().out
+    greedy = ["--prompt", "Good morrow.", "--max-new-tokens", "20", "--temperature", "0"]
+    lora.main(["--sample", "--out", str(trained), *greedy])
+    adapted = capsys.readouterr().out
+    chat.main(["--sample", "--out", str(trained / "merged"), *greedy])
+    assert capsys.readouterr().out == adapted and "reply" in adapted
     assert "already; replace it with --overwrite" in stage_error(capsys, lora.main, "--merge",
                                                                  "--out", str(trained))
 
