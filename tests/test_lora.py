@@ -194,7 +194,7 @@ def test_bad_lora_settings_get_one_sentence(trained, tmp_path, capsys, flags, me
                                   "--init-from", str(trained / "pretrained"), *flags)
 
 
-def test_rank_0_is_stage_08(trained, tmp_path):
+def test_rank_0_is_stage_08_and_adapters_go_on_a_run_of_stage_08(trained, tmp_path):
     # the pretrained model as a run of stage 07 writes it (the same checkpoint but for the name)
     checkpoint = torch.load(trained / "pretrained" / "ckpt.pt", weights_only=True)
     del checkpoint["lora"]
@@ -209,6 +209,13 @@ def test_rank_0_is_stage_08(trained, tmp_path):
         histories.append([(h["step"], h["train"], h["val"])
                           for h in json.loads((out / "metrics.json").read_text())["history"]])
     assert histories[0] == histories[1] and len(histories[0]) == 3
+    # adapters on the model that stage 08 fine-tuned: no pretraining
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        lora.main([*quick_flags("09_lora", tmp_path / "on_08"), "--init-from",
+                   str(tmp_path / "08_chat")])
+    assert "pretraining" not in printed.getvalue() and "of them trained" in printed.getvalue()
+    checkpoint = torch.load(tmp_path / "on_08" / "ckpt.pt", weights_only=True)
+    assert checkpoint["lora"]["base"] == str(tmp_path / "08_chat")
 
 
 def test_resume_after_ctrl_c_gives_the_losses_of_an_uninterrupted_run(trained, tmp_path,
