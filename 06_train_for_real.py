@@ -38,6 +38,7 @@ from shared import UserError, atomic_write, report
 from shared.cli import checked, given, nonempty, parse_args, run
 from shared.data import (
     TiktokenTokenizer,
+    characters_per_token,
     check_token_ids,
     get_batch,
     load_dataset,
@@ -784,7 +785,7 @@ def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, de
     """train() in every process, DDP keeping their models the same, with checkpoints written by
     rank 0; then the processes leave together. Returns what train() returns."""
     # 1 for characters
-    chars_per_token = len(tokenizer.decode(val_data.tolist())) / len(val_data)
+    chars_per_token = characters_per_token(tokenizer, val_data)
 
     def on_checkpoint(step, history):
         # every process takes part

@@ -40,6 +40,7 @@ from shared.cli import checked, given, nonempty, parse_args, run
 from shared.data import (
     HuggingFaceChat,
     HuggingFaceTokenizer,
+    characters_per_token,
     check_token_ids,
     load_conversations,
     load_dataset,
@@ -1112,7 +1113,7 @@ def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, de
     rank 0. Returns what train() returns."""
     # characters a token (1 for characters): of the val text, or of the val replies
     tokens = val_data if isinstance(val_data, torch.Tensor) else val_data[1][val_data[1] >= 0]
-    chars_per_token = len(tokenizer.decode(tokens.tolist())) / len(tokens)
+    chars_per_token = characters_per_token(tokenizer, tokens)
 
     def on_checkpoint(step, history):
         # every process takes part

@@ -6,6 +6,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from shared import UserError, atomic_write
@@ -17,7 +18,12 @@ MIN_CHARS = 1000  # below this a 90/10 split leaves too little to validate on
 
 
 def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The file's SHA-256, read a block at a time: a shard of any size takes no memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(2**24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def download(path, url):
@@ -410,7 +416,10 @@ def tokenizer_from_identity(identity):
 
 def load_dataset(path=None, block_size=8, tokenizer="char"):
     """The text as token ids, split 90/10 into train and val, with its tokenizer (named as
-    make_tokenizer takes it)."""
+    make_tokenizer takes it). A folder that python -m shared.prepare wrote is read through memory
+    maps instead (load_prepared)."""
+    if path is not None and Path(path).is_dir():
+        return load_prepared(path, block_size, tokenizer)
     text = read_text(path)
     tokenizer = make_tokenizer(tokenizer, text)
     data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
@@ -425,10 +434,89 @@ def load_dataset(path=None, block_size=8, tokenizer="char"):
 def check_token_ids(token_lists, vocab_size, model):
     """Refuse token ids the model has no embedding for, which a tokenizer other than the model's
     own can make: one sentence instead of an IndexError from deep inside the embedding."""
-    largest = max((int(torch.as_tensor(ids).max()) for ids in token_lists if len(ids)), default=-1)
+    largest = max((int(ids.max() if isinstance(ids, TokenShards) else torch.as_tensor(ids).max())
+                   for ids in token_lists if len(ids)), default=-1)
     if largest >= vocab_size:
         raise UserError(f"the tokenizer makes token id {largest}, but {model} has a vocabulary "
                         f"of {vocab_size} tokens: use the tokenizer it was trained with")
+
+
+class TokenShards:
+    """The tokens from start to stop of a prepared corpus's stream, across its shards, each a
+    memory map of its file: a slice reads only its own tokens from the disk (or the page cache),
+    so a corpus of any size takes no memory until it is read, and then only what was read."""
+
+    def __init__(self, arrays, start, stop, largest):
+        self.arrays = arrays
+        self.offsets = np.cumsum([0] + [len(a) for a in arrays])
+        self.start, self.stop = start, stop
+        self.largest = largest
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, index):
+        begin, end, _ = index.indices(len(self))
+        begin, end = self.start + begin, self.start + max(begin, end)
+        parts = []
+        shard = int(np.searchsorted(self.offsets, begin, side="right")) - 1
+        while begin < end:
+            a, offset = self.arrays[shard], self.offsets[shard]
+            take = min(end, offset + len(a))
+            parts.append(a[begin - offset:take - offset])
+            begin, shard = take, shard + 1
+        tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return torch.from_numpy(tokens.astype(np.int64))
+
+    def max(self):
+        return torch.tensor(self.largest)
+
+    def tolist(self):
+        return self[:].tolist()
+
+
+def load_prepared(folder, block_size, tokenizer_name):
+    """The tokenizer and the train and val tokens of a folder that python -m shared.prepare
+    wrote, each shard checked against its size and SHA-256 first."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"--data {folder} is a folder without meta.json: prepare a corpus into "
+                        f"it with python -m shared.prepare FILES --out {folder}") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"--data {folder}/meta.json cannot be read ({err})") from None
+    if not meta.get("done"):
+        raise UserError(f"--data {folder} was prepared only part of the way; run the same "
+                        "python -m shared.prepare command again to finish it")
+    tokenizer = tokenizer_from_identity(meta["tokenizer"])
+    prepared_with = meta["settings"]["tokenizer"]
+    if tokenizer_name != prepared_with:
+        raise UserError(f"--data {folder} was prepared with the {prepared_with} tokenizer, not "
+                        f"{tokenizer_name}: give --tokenizer {prepared_with}")
+    dtype = np.uint16 if meta["vocab_size"] <= 2**16 else np.uint32
+    arrays = []
+    for shard in meta["shards"]:
+        path = folder / shard["file"]
+        size = shard["tokens"] * np.dtype(dtype).itemsize
+        if not path.is_file() or path.stat().st_size != size or sha256(path) != shard["sha256"]:
+            raise UserError(f"--data {folder}: {shard['file']} is missing or not the shard that "
+                            "was written (its size or SHA-256 differs); prepare the corpus again")
+        arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+    largest = max(shard["largest"] for shard in meta["shards"])
+    train = TokenShards(arrays, 0, meta["val_start"], largest)
+    val = TokenShards(arrays, meta["val_start"], meta["tokens"], largest)
+    if len(val) <= block_size:
+        raise UserError(f"the validation split has {len(val)} tokens, too few for "
+                        f"--block-size {block_size}; prepare a longer text or use a smaller one")
+    return tokenizer, train, val
+
+
+def characters_per_token(tokenizer, tokens, most=1_000_000):
+    """The characters a token of tokens, over its first `most` tokens: a sample that keeps a
+    corpus of any size from being decoded whole."""
+    sample = tokens[:most]
+    return len(tokenizer.decode(sample.tolist())) / len(sample)
 
 
 def get_batch(data, batch_size, block_size, device, generator=None):

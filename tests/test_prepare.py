@@ -1,0 +1,121 @@
+"""python -m shared.prepare: token shards, read back through memory maps as --data FOLDER."""
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, load_stage, quick_flags, stage_error
+from shared import UserError, prepare
+from shared.cli import run
+from shared.data import TiktokenTokenizer, load_dataset
+
+SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
+modern = load_stage("07_modern")
+
+
+def history(out):
+    return [(h["step"], h["train"], h["val"], h["val_bpc"])
+            for h in json.loads((out / "metrics.json").read_text())["history"]]
+
+
+def test_tiny_shakespeare_from_one_shard_trains_to_the_losses_of_the_text(tmp_path):
+    meta = prepare.prepare([str(SHAKESPEARE)], tmp_path / "shards", progress=False)
+    assert len(meta["shards"]) == 1 and meta["tokens"] == len(SHAKESPEARE.read_text())
+    for name, data in (("text", SHAKESPEARE), ("shards", tmp_path / "shards")):
+        with contextlib.redirect_stdout(io.StringIO()):
+            modern.main([*quick_flags("07_modern", tmp_path / name), "--data", str(data)])
+    assert history(tmp_path / "text") == history(tmp_path / "shards")
+
+
+def test_shards_pieces_and_workers_give_the_tokens_of_the_whole_text(tmp_path, shakespeare):
+    gpt2 = TiktokenTokenizer("gpt2")
+    whole = gpt2.encode(shakespeare)
+    # pieces of 50,000 characters, shards of 100,000 tokens, two processes
+    prepare.prepare([str(SHAKESPEARE)], tmp_path, "gpt2", shard_tokens=100_000, workers=2,
+                    piece_chars=50_000, progress=False)
+    assert len(list(prepare.pieces(shakespeare, 50_000))) == 23
+    _, train, val = load_dataset(str(tmp_path), 64, "gpt2")
+    assert len(json.loads((tmp_path / "meta.json").read_text())["shards"]) == 4
+    assert torch.equal(torch.cat((train[:], val[:])), torch.tensor(whole))
+    assert train[99_990:100_010].tolist() == whole[99_990:100_010]  # across two shards
+
+
+def test_documents_are_joined_by_the_end_of_text_token(tmp_path):
+    (tmp_path / "docs").mkdir()
+    for name, text in (("a.txt", "First document."), ("b.txt", "Second one.")):
+        (tmp_path / "docs" / name).write_text(text * 400)
+    prepare.prepare([str(tmp_path / "docs")], tmp_path / "out", "gpt2", progress=False)
+    _, train, val = load_dataset(str(tmp_path / "out"), 8, "gpt2")
+    tokens = torch.cat((train[:], val[:])).tolist()
+    gpt2 = TiktokenTokenizer("gpt2")
+    assert tokens == [*gpt2.encode("First document." * 400), 50256,
+                      *gpt2.encode("Second one." * 400)]
+    # a glob names the same files
+    glob_meta = prepare.prepare([str(tmp_path / "docs" / "*.txt")], tmp_path / "glob", "gpt2",
+                                progress=False)
+    assert glob_meta["shards"] == json.loads((tmp_path / "out" / "meta.json").read_text())["shards"]
+
+
+def test_a_ctrl_c_leaves_whole_shards_and_a_rerun_goes_on_after_them(tmp_path, monkeypatch):
+    write_shard = prepare.write_shard
+    written = []
+
+    def interrupted(folder, number, tokens, dtype):
+        if number == 2 and "rerun" not in written:
+            raise KeyboardInterrupt
+        written.append(number)
+        return write_shard(folder, number, tokens, dtype)
+
+    monkeypatch.setattr(prepare, "write_shard", interrupted)
+    flags = dict(tokenizer_name="gpt2", shard_tokens=30_000, piece_chars=50_000, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare([str(SHAKESPEARE)], tmp_path / "parts", **flags)
+    assert written == [0, 1] and sorted(p.name for p in (tmp_path / "parts").iterdir()) == [
+        "meta.json", "shard_000000.bin", "shard_000001.bin"]
+    written.append("rerun")
+    prepare.prepare([str(SHAKESPEARE)], tmp_path / "parts", **flags)
+    assert written[:4] == [0, 1, "rerun", 2]  # shards 0 and 1 were not made again
+    monkeypatch.undo()
+    prepare.prepare([str(SHAKESPEARE)], tmp_path / "whole", **flags)
+    parts, whole = (json.loads((tmp_path / name / "meta.json").read_text())
+                    for name in ("parts", "whole"))
+    assert parts["shards"] == whole["shards"] and len(whole["shards"]) == 12
+
+
+def test_bad_folders_get_one_sentence(tmp_path, capsys):
+    prepare.prepare([str(SHAKESPEARE)], tmp_path / "good", progress=False)
+    flags = [*quick_flags("07_modern", tmp_path / "run")]
+    assert "was prepared with the char tokenizer, not gpt2: give --tokenizer char" in stage_error(
+        capsys, modern.main, *flags, "--data", str(tmp_path / "good"), "--tokenizer", "gpt2")
+    (tmp_path / "empty").mkdir()
+    assert "is a folder without meta.json" in stage_error(
+        capsys, modern.main, *flags, "--data", str(tmp_path / "empty"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "meta.json").write_text((tmp_path / "good" / "meta.json").read_text())
+    assert "shard_000000.bin is missing or not the shard that was written" in stage_error(
+        capsys, modern.main, *flags, "--data", str(bad))
+    shard = (tmp_path / "good" / "shard_000000.bin").read_bytes()
+    (bad / "shard_000000.bin").write_bytes(shard[:100] + bytes([shard[100] ^ 1]) + shard[101:])
+    assert "SHA-256" in stage_error(capsys, modern.main, *flags, "--data", str(bad))
+    meta = json.loads((bad / "meta.json").read_text())
+    (bad / "meta.json").write_text(json.dumps({**meta, "done": False}))
+    assert "prepared only part of the way" in stage_error(capsys, modern.main, *flags, "--data",
+                                                          str(bad))
+    with pytest.raises(UserError, match="prepared from other inputs or with other settings"):
+        prepare.prepare([str(SHAKESPEARE)], tmp_path / "good", "gpt2", progress=False)
+
+
+def test_the_command_says_what_it_wrote_and_refuses_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["python -m shared.prepare"])
+    run(lambda: prepare.main([str(SHAKESPEARE), "--out", str(tmp_path)]),
+        prog="python -m shared.prepare")
+    assert "1,115,394 tokens of 1 document(s) in 1 shard(s) of uint16" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: prepare.main([str(tmp_path / "nothing*.txt"), "--out", str(tmp_path / "x")]),
+            prog="python -m shared.prepare")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no such file, and no text file in it" in err
+    assert len(err.strip().splitlines()) == 1
