@@ -1,5 +1,5 @@
 """python -m shared.prepare: a corpus of any size, tokenized once into a folder of token shards that
-training reads through memory maps (--data FOLDER), so that its memory stays flat.
+training reads a window at a time (--data FOLDER), so that its memory stays flat.
 
     python -m shared.prepare corpus/ --tokenizer gpt2 --out data/corpus --workers 2
     python 07_modern.py --data data/corpus --tokenizer gpt2
@@ -82,17 +82,19 @@ def units(files, piece_chars, end_of_text):
 
 
 def start_worker(identity):
-    global worker_tokenizer
+    global worker_tokenizer, worker_dtype
     worker_tokenizer = tokenizer_from_identity(identity)
+    worker_dtype = shard_dtype(worker_tokenizer.vocab_size)
 
 
 def encode(unit):
-    """A unit's tokens (its end-of-text token included) and its file's index."""
+    """A unit's tokens (its end-of-text token included), in the shards' type, and its file's
+    index."""
     index, text, then_end = unit
     tokens = worker_tokenizer.encode(text)
     if then_end:
         tokens.append(end_of_text_id(worker_tokenizer))
-    return np.array(tokens, dtype=np.int64), index
+    return np.array(tokens, dtype=worker_dtype), index
 
 
 def end_of_text_id(tokenizer):
@@ -119,7 +121,7 @@ def make_tokenizer_for(files, name):
 def write_shard(folder, number, tokens, dtype):
     """tokens as shard number, written atomically; its entry in meta.json."""
     name = f"shard_{number:06d}.bin"
-    data = tokens.astype(dtype).tobytes()
+    data = memoryview(np.ascontiguousarray(tokens, dtype=dtype)).cast("B")
     with atomic_write(Path(folder) / name) as f:
         f.write(data)
     return {"file": name, "tokens": len(tokens), "sha256": hashlib.sha256(data).hexdigest(),

@@ -1,7 +1,8 @@
-"""python -m shared.prepare: token shards, read back through memory maps as --data FOLDER."""
+"""python -m shared.prepare: token shards, read back a window at a time as --data FOLDER."""
 import contextlib
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from conftest import ROOT, load_stage, quick_flags, stage_error
 from shared import UserError, prepare
 from shared.cli import run
-from shared.data import TiktokenTokenizer, load_dataset
+from shared.data import TiktokenTokenizer, get_batch, load_dataset
 
 SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
 modern = load_stage("07_modern")
@@ -40,6 +41,19 @@ def test_shards_pieces_and_workers_give_the_tokens_of_the_whole_text(tmp_path, s
     assert len(json.loads((tmp_path / "meta.json").read_text())["shards"]) == 4
     assert torch.equal(torch.cat((train[:], val[:])), torch.tensor(whole))
     assert train[99_990:100_010].tolist() == whole[99_990:100_010]  # across two shards
+
+
+def test_a_batch_reads_its_windows_and_nothing_else(tmp_path, monkeypatch):
+    prepare.prepare([str(SHAKESPEARE)], tmp_path, "gpt2", shard_tokens=100_000, progress=False)
+    _, train, _ = load_dataset(str(tmp_path), 64, "gpt2")
+    read = []
+    pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, offset: read.append(n) or pread(fd, n, offset))
+    x, y = get_batch(train, 8, 64, "cpu")
+    # the inputs' windows and the targets', 2 bytes a token (one more read for a window across
+    # two shards)
+    assert sum(read) == 2 * 8 * 64 * 2 and len(read) <= 2 * 8 + 2
+    assert torch.equal(x[:, 1:], y[:, :-1])
 
 
 def test_documents_are_joined_by_the_end_of_text_token(tmp_path):
