@@ -19,6 +19,9 @@
               fine-tuning and of LoRA at several ranks, targets and optimizers, by step and by
               wall-clock time; peak memory and time a step of fine-tuning a model of
               Qwen3-0.6B's shape (random weights), in full and with LoRA
+  corpus      a corpus of 1 GB (Tiny Shakespeare 900 times, in 100 files) prepared into token
+              shards with 1 and 2 workers; python 07_modern.py --tokenizer gpt2 on Tiny
+              Shakespeare and on those shards: whole command, time a step, peak memory
 
 Not a test (pytest does not collect it). Run it on an otherwise idle machine:
 
@@ -44,7 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the stages and shared/
-PARTS = ["speed", "generation", "dtype", "modern", "ablations", "chat", "lora"]
+PARTS = ["speed", "generation", "dtype", "modern", "ablations", "chat", "lora", "corpus"]
 
 
 def child(*args):
@@ -496,7 +499,8 @@ def main():
                    # flags as JSON: the child's own parser would take them for its own
                    "adamw": lambda: lora_with_adamw(json.loads(rest[0])),
                    "qwen3": lambda: qwen3_folder(rest[0]),
-                   "qwen3step": lambda: measure_qwen3_step(*rest)}
+                   "qwen3step": lambda: measure_qwen3_step(*rest),
+                   "timed": lambda: timed(json.loads(rest[0]))}
         print(json.dumps(results[kind]()))
         return
 
@@ -604,6 +608,50 @@ def main():
 
     if "lora" in parts:
         measure_lora()
+
+    if "corpus" in parts:
+        measure_corpus()
+
+
+def timed(command):
+    """python with command (a list): its wall time, the peak memory of its main process in MB (the
+    only child of this one) and what it printed."""
+    start = time.time()
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, check=True, capture_output=True,
+                            text=True)
+    wall = time.time() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
+    return {"wall": wall, "peak": peak, "printed": result.stdout}
+
+
+def measure_corpus():
+    """Each command from a child of its own, whose only child it is, so that its peak memory is
+    its own."""
+    from shared.data import read_text
+    text = read_text()
+    with tempfile.TemporaryDirectory() as folder:
+        docs = Path(folder) / "docs"
+        docs.mkdir()
+        for i in range(100):
+            (docs / f"part_{i:03d}.txt").write_text(text * 9)
+        size = sum(p.stat().st_size for p in docs.iterdir())
+        print(f"a corpus of {size / 1e9:.2f} GB, {len(text) * 900:,} characters in 100 files")
+        print("  command | whole command | peak memory | what it printed")
+        for workers in ("1", "2"):
+            run = child("timed", json.dumps(["-m", "shared.prepare", str(docs), "--tokenizer",
+                                             "gpt2", "--out", f"{folder}/shards_{workers}",
+                                             "--workers", workers]))
+            print(f"  prepare, {workers} worker(s) | {run['wall']:.1f} s | {run['peak']:,.0f} MB | "
+                  f"{run['printed'].strip().splitlines()[-1]}", flush=True)
+        flags = ["--tokenizer", "gpt2", "--max-iters", "20", "--eval-interval", "10",
+                 "--eval-iters", "10", "--max-new-tokens", "0"]
+        shards = ["--data", f"{folder}/shards_1"]
+        for name, data in (("Tiny Shakespeare", []), ("the shards", shards)):
+            run = child("timed", json.dumps(["07_modern.py", *flags, *data, "--overwrite",
+                                             "--out", f"{folder}/run"]))
+            last = [line for line in run["printed"].splitlines() if line.startswith("step 20")]
+            print(f"  07_modern on {name} | {run['wall']:.1f} s | {run['peak']:,.0f} MB | "
+                  f"{last[-1]}", flush=True)
 
 
 def measure_lora():
