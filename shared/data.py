@@ -61,19 +61,20 @@ def read_text(path=None):
     return text
 
 
-def read_file(path):
-    """The text of the user's --data file, or one sentence saying why it can't be read."""
+def read_file(path, prefix="--data "):
+    """The text of a file the user gave, or one sentence saying why it can't be read, prefix (the
+    flag that gave it) before its name."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"--data {path}: no such file") from None
+        raise UserError(f"{prefix}{path}: no such file") from None
     except UnicodeDecodeError:
-        raise UserError(f"--data {path} is not UTF-8 text") from None
+        raise UserError(f"{prefix}{path} is not UTF-8 text") from None
     except OSError as err:
-        raise UserError(f"--data {path} cannot be read ({err.strerror})") from None
+        raise UserError(f"{prefix}{path} cannot be read ({err.strerror})") from None
     if "\x00" in text:
-        raise UserError(f"--data {path} looks like a binary file, not text")
+        raise UserError(f"{prefix}{path} looks like a binary file, not text")
     return text
 
 

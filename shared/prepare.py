@@ -74,7 +74,7 @@ def units(files, piece_chars, end_of_text):
     """What is tokenized, in order: (file index, piece of text, whether an end-of-text token
     follows it), the token after each document but the last."""
     for i, path in enumerate(files):
-        text = read_file(path)
+        text = read_file(path, "")
         *rest, last = pieces(text, piece_chars)
         for piece in rest:
             yield i, piece, False
@@ -114,7 +114,7 @@ def make_tokenizer_for(files, name):
         return make_tokenizer(name, "")
     chars = set()
     for path in files:
-        chars |= set(read_file(path))
+        chars |= set(read_file(path, ""))
     return CharTokenizer("".join(chars))
 
 

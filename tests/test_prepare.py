@@ -133,3 +133,9 @@ def test_the_command_says_what_it_wrote_and_refuses_in_one_line(tmp_path, capsys
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "no such file, and no text file in it" in err
     assert len(err.strip().splitlines()) == 1
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe not text")
+    with pytest.raises(SystemExit):
+        run(lambda: prepare.main([str(tmp_path / "binary.txt"), "--out", str(tmp_path / "y")]),
+            prog="python -m shared.prepare")
+    err = capsys.readouterr().err.strip()
+    assert err == f"python -m shared.prepare: error: {tmp_path / 'binary.txt'} is not UTF-8 text"
