@@ -222,6 +222,13 @@ def write_jsonl(path, lines):
     return str(path)
 
 
+def short_chats(path):
+    """A JSONL file at path of 40 of Shakespeare's short exchanges: a line and its reply."""
+    train, _ = chat.load_conversations()
+    short = [c[:2] for c in train if len(c[0]["content"]) + len(c[1]["content"]) < 60][:40]
+    return write_jsonl(path, [json.dumps({"messages": m}) for m in short])
+
+
 def test_bad_conversations_are_refused_or_skipped_and_counted(capsys, tmp_path):
     good = json.dumps({"messages": CONVERSATION[1:3]})
     bad = write_jsonl(tmp_path / "bad.jsonl", [good, '{"messages": [{"role": "user"}]}'])
@@ -348,9 +355,7 @@ def test_fine_tune_a_hugging_face_model_on_jsonl_in_its_own_template(
     folder = tmp_path / model_type
     model.save_pretrained(folder)
     chat_tokenizer(shakespeare[:20_000]).save_pretrained(folder)
-    train, _ = chat.load_conversations()
-    short = [c[:2] for c in train if len(c[0]["content"]) + len(c[1]["content"]) < 60][:40]
-    data = write_jsonl(tmp_path / "chats.jsonl", [json.dumps({"messages": m}) for m in short])
+    data = short_chats(tmp_path / "chats.jsonl")
     out = tmp_path / "run"
     chat.main(["--init-from", str(folder), "--data", data, "--block-size", "64",
                "--batch-size", "8", "--max-iters", "10", "--eval-interval", "10",

@@ -15,7 +15,7 @@ import transformers
 from conftest import build_model, load_stage, quick_flags, stage_error
 from shared import device
 from shared.data import weights_digest
-from test_chat import chat_tokenizer, write_jsonl
+from test_chat import chat_tokenizer, short_chats
 
 lora = load_stage("09_lora")
 
@@ -242,9 +242,7 @@ def test_resume_after_ctrl_c_gives_the_losses_of_an_uninterrupted_run(trained, t
 
 
 def test_fine_tune_a_hugging_face_model_merge_and_export_it(hf_folder, tmp_path, capsys):
-    train, _ = lora.load_conversations()
-    short = [c[:2] for c in train if len(c[0]["content"]) + len(c[1]["content"]) < 60][:40]
-    data = write_jsonl(tmp_path / "chats.jsonl", [json.dumps({"messages": m}) for m in short])
+    data = short_chats(tmp_path / "chats.jsonl")
     out = tmp_path / "run"
     lora.main(["--init-from", str(hf_folder), "--data", data, "--block-size", "64",
                "--batch-size", "8", "--max-iters", "10", "--eval-interval", "10",
