@@ -443,6 +443,15 @@ def check_token_ids(token_lists, vocab_size, model):
                         f"of {vocab_size} tokens: use the tokenizer it was trained with")
 
 
+# what python -m shared.prepare writes beside the shards
+PREPARED_META = "meta.json"
+
+
+def shard_dtype(vocab_size):
+    """The type of a prepared corpus's tokens: 2 bytes where the vocabulary fits, else 4."""
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
 class TokenShards:
     """The tokens from start to stop of a prepared corpus's stream, across its shard files
     (tokens of dtype, one after another). A slice reads its own tokens and nothing else, with one
@@ -492,7 +501,7 @@ def load_prepared(folder, block_size, tokenizer_name):
     wrote, each shard checked against its size and SHA-256 first."""
     folder = Path(folder)
     try:
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = json.loads((folder / PREPARED_META).read_text())
     except FileNotFoundError:
         raise UserError(f"--data {folder} is a folder without meta.json: prepare a corpus into "
                         f"it with python -m shared.prepare FILES --out {folder}") from None
@@ -506,7 +515,7 @@ def load_prepared(folder, block_size, tokenizer_name):
     if tokenizer_name != prepared_with:
         raise UserError(f"--data {folder} was prepared with the {prepared_with} tokenizer, not "
                         f"{tokenizer_name}: give --tokenizer {prepared_with}")
-    dtype = np.uint16 if meta["vocab_size"] <= 2**16 else np.uint32
+    dtype = shard_dtype(meta["vocab_size"])
     paths = [folder / shard["file"] for shard in meta["shards"]]
     for shard, path in zip(meta["shards"], paths, strict=True):
         size = shard["tokens"] * np.dtype(dtype).itemsize

@@ -28,9 +28,15 @@ import numpy as np
 
 from shared import UserError, atomic_write
 from shared.cli import run
-from shared.data import CharTokenizer, make_tokenizer, read_file, tokenizer_from_identity
+from shared.data import (
+    PREPARED_META,
+    CharTokenizer,
+    make_tokenizer,
+    read_file,
+    shard_dtype,
+    tokenizer_from_identity,
+)
 
-META = "meta.json"
 # the share of the tokens at the end of the stream that validation takes, as for a text file
 VAL_SHARE = 0.1
 
@@ -104,10 +110,6 @@ def end_of_text_id(tokenizer):
     return getattr(getattr(tokenizer, "tokenizer", None), "eos_token_id", None)
 
 
-def shard_dtype(vocab_size):
-    return np.uint16 if vocab_size <= 2**16 else np.uint32
-
-
 def make_tokenizer_for(files, name):
     """The tokenizer: named, or for char the characters of every file."""
     if name != "char":
@@ -129,7 +131,7 @@ def write_shard(folder, number, tokens, dtype):
 
 
 def write_meta(folder, meta):
-    with atomic_write(Path(folder) / META, "w") as f:
+    with atomic_write(Path(folder) / PREPARED_META, "w") as f:
         json.dump(meta, f, indent=1)
 
 
@@ -143,7 +145,8 @@ def prepare(inputs, out, tokenizer_name="char", shard_tokens=100_000_000, worker
     settings = {"inputs": [str(p) for p in files], "tokenizer": tokenizer_name,
                 "shard_tokens": shard_tokens, "piece_chars": piece_chars}
     out = Path(out)
-    meta = json.loads((out / META).read_text()) if (out / META).exists() else None
+    meta_path = out / PREPARED_META
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
     if meta and meta["settings"] != settings:
         raise UserError(f"{out} holds a corpus prepared from other inputs or with other settings; "
                         "prepare this one into another folder")
@@ -172,8 +175,9 @@ def prepare(inputs, out, tokenizer_name="char", shard_tokens=100_000_000, worker
     try:
         encoded = pool.imap(encode, todo) if pool else map(encode, todo)
         for number, (tokens, file_index) in enumerate(encoded, start=first):
-            if number == first:
-                tokens = tokens[meta["resume"]["skip"]:]
+            # of the unit a rerun starts in, the tokens in shards already
+            skipped = meta["resume"]["skip"] if number == first else 0
+            tokens = tokens[skipped:]
             buffer.append(tokens)
             buffered += len(tokens)
             made += len(tokens)
@@ -186,8 +190,7 @@ def prepare(inputs, out, tokenizer_name="char", shard_tokens=100_000_000, worker
                 meta["shards"].append(shard)
                 buffer, buffered = [stream[shard_tokens:]], len(stream) - shard_tokens
                 # the rest of the stream is the end of this unit's tokens
-                meta["resume"] = {"unit": number, "skip": len(tokens) - buffered
-                                  + (meta["resume"]["skip"] if number == first else 0)}
+                meta["resume"] = {"unit": number, "skip": skipped + len(tokens) - buffered}
                 write_meta(out, meta)
     finally:
         bar.close()
