@@ -32,6 +32,19 @@ SMALL_GPT = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size"
 CHAT = ["--pretrain-iters", "6", "--block-size", "64"]
 
 
+# The files that take longest run first, so that none of them is left to run alone on one core
+# at the end (pytest.ini turns off xdist's own order, most tests first, which put them last)
+SLOWEST_FILES = ["test_ddp.py", "test_notebook.py", "test_train_for_real.py", "test_device.py",
+                 "test_chat.py", "test_robustness.py", "test_report.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return SLOWEST_FILES.index(name) if name in SLOWEST_FILES else len(SLOWEST_FILES)
+    items.sort(key=rank)
+
+
 def quick_flags(name, out=None):
     """Flags for a quick run of stage name (writing into out, if given)."""
     return [*QUICK, *(SMALL_GPT if name in GPT_STAGES else []),

@@ -162,7 +162,7 @@ def test_generation_samples_from_the_model(stage):
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-2)
     for _ in range(300):
         ix = torch.randint(len(data) - 9, (32,))
-        x = torch.stack([data[i:i + 8] for i in ix])
+        x = data[ix[:, None] + torch.arange(8)]  # (32, 8): 32 windows of 8
         _, loss = model(x, (x + 1) % V)
         optimizer.zero_grad()
         loss.backward()
