@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shared import UserError, atomic_write, report
+from shared import UserError, atomic_write, hellaswag, report
 from shared.cli import checked, given, nonempty, parse_args, run
 from shared.data import (
     HuggingFaceTokenizer,
@@ -539,8 +539,8 @@ class StopOnSignal:
             signal.signal(signum, handler)
 
 
-def train(model, optimizer, train_data, val_data, args, device, chars_per_token, step, history,
-          on_checkpoint):
+def train(model, optimizer, train_data, val_data, args, device, chars_per_token, benchmark,
+          step, history, on_checkpoint):
     """AdamW on random batches, with loss estimates (and bits per character, which compares
     tokenizers) every eval_interval steps and a progress line at least every few seconds, from
     `step` on; on_checkpoint(step, history) saves the state after every evaluation and when a
@@ -563,6 +563,10 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
                 eval_start = time.time()
                 with autocast(args, device):
                     losses = estimate_loss(raw_model, splits, args, device)
+                    # --hellaswag: the benchmark's tokenized examples
+                    if benchmark:
+                        losses["hellaswag"] = hellaswag.evaluate(raw_model, benchmark,
+                                                                 args.batch_size, device)
                 check_finite(losses["val"], step)
                 eval_seconds += time.time() - eval_start
                 seconds = time.time() - start
@@ -571,6 +575,7 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
                                 "val_bpc": bpc})
                 print(f"step {step}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, val {bpc:.3f} bits/char"
+                      + hellaswag.summary(losses.get("hellaswag"))
                       + progress(step, args, last_line, eval_seconds, start_step), flush=True)
                 on_checkpoint(step, history)
                 last_line = (step, time.time(), eval_seconds)
@@ -775,6 +780,10 @@ def add_flags(parser):
                         help="let a new run replace the checkpoint already in --out")
     parser.add_argument("--sample", action="store_true",
                         help="only sample, from --out or --init-from")
+    parser.add_argument("--hellaswag", nargs="?", const="default", metavar="FILE",
+                        help="score HellaSwag at every evaluation, or with --sample instead of "
+                        "sampling; FILE: examples in its format (default: its validation set, "
+                        "downloaded into data/)")
     parser.add_argument("--prompt", type=nonempty("some text"), help="text the samples start from")
     parser.add_argument("--num-samples", type=checked("num_samples", int), default=1,
                         help="samples per sampler")
@@ -857,6 +866,11 @@ def sample_only(args, device):
     if args.init_from:
         check_token_ids([prompt], model.config.vocab_size, args.init_from)
     model.eval().to(device)
+    if args.hellaswag:
+        benchmark = hellaswag.load(args.hellaswag, tokenizer, model.block_size)
+        scores = hellaswag.evaluate(model, benchmark, args.batch_size, device)
+        print(f"{args.init_from or checkpoint_path(args)}" + hellaswag.summary(scores))
+        return
     if args.plot_attention:
         report.plot_attention(model, tokenizer, torch.tensor(prompt), args.out)
     sampler = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -912,6 +926,9 @@ def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, de
     rank 0; then the processes leave together. Returns what train() returns."""
     # 1 for characters
     chars_per_token = characters_per_token(tokenizer, val_data)
+    benchmark = None
+    if args.hellaswag:
+        benchmark = hellaswag.load(args.hellaswag, tokenizer, args.block_size)
 
     def on_checkpoint(step, history):
         # every process takes part
@@ -923,7 +940,7 @@ def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, de
 
     ddp_model = DDP(model) if args.world_size > 1 else model
     result = train(ddp_model, optimizer, train_data, val_data, args, device, chars_per_token,
-                   step, history, on_checkpoint)
+                   benchmark, step, history, on_checkpoint)
     del ddp_model
     # DDP keeps the process group in reference cycles: freed at exit instead, it can abort
     gc.collect()

@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shared import UserError, atomic_write, report
+from shared import UserError, atomic_write, hellaswag, report
 from shared.cli import checked, given, nonempty, parse_args, run
 from shared.data import (
     HuggingFaceChat,
@@ -520,6 +520,10 @@ class ChatTemplate:
             learned.append(False)
         return ids, learned
 
+    def encode(self, text):
+        """The tokens of text alone, no marker: how a benchmark reads it."""
+        return self.tokenizer.encode(text)
+
     def decode(self, ids):
         """The text of ids, the markers left out."""
         return self.tokenizer.decode([i for i in ids if i < self.tokenizer.vocab_size])
@@ -743,8 +747,8 @@ class StopOnSignal:
             signal.signal(signum, handler)
 
 
-def train(model, optimizer, train_data, val_data, args, device, chars_per_token, step, history,
-          on_checkpoint):
+def train(model, optimizer, train_data, val_data, args, device, chars_per_token, benchmark,
+          step, history, on_checkpoint):
     """AdamW on random batches, with loss estimates (and bits per character, which compares
     tokenizers) every eval_interval steps and a progress line at least every few seconds, from
     `step` on; on_checkpoint(step, history) saves the state after every evaluation and when a
@@ -767,6 +771,10 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
                 eval_start = time.time()
                 with autocast(args, device):
                     losses = estimate_loss(raw_model, splits, args, device)
+                    # --hellaswag: the benchmark's tokenized examples
+                    if benchmark:
+                        losses["hellaswag"] = hellaswag.evaluate(raw_model, benchmark,
+                                                                 args.batch_size, device)
                 check_finite(losses["val"], step)
                 eval_seconds += time.time() - eval_start
                 seconds = time.time() - start
@@ -775,6 +783,7 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
                                 "val_bpc": bpc})
                 print(f"step {step}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, val {bpc:.3f} bits/char"
+                      + hellaswag.summary(losses.get("hellaswag"))
                       + progress(step, args, last_line, eval_seconds, start_step), flush=True)
                 on_checkpoint(step, history)
                 last_line = (step, time.time(), eval_seconds)
@@ -1116,6 +1125,10 @@ def add_flags(parser):
                         help="let a new run replace the checkpoint already in --out")
     parser.add_argument("--sample", action="store_true",
                         help="only reply to --prompt, with the model in --out or --init-from")
+    parser.add_argument("--hellaswag", nargs="?", const="default", metavar="FILE",
+                        help="score HellaSwag at every evaluation, or with --sample instead of "
+                        "replying; FILE: examples in its format (default: its validation set, "
+                        "downloaded into data/)")
     parser.add_argument("--chat", action="store_true",
                         help="talk to the model in --out or --init-from")
     parser.add_argument("--prompt", type=nonempty("some text"),
@@ -1204,6 +1217,11 @@ def sample_only(args, device):
     With the model in --out, or of --init-from."""
     model, template = chat_model(args)
     model.eval().to(device)
+    if args.hellaswag:
+        benchmark = hellaswag.load(args.hellaswag, template, model.block_size)
+        scores = hellaswag.evaluate(model, benchmark, args.batch_size, device)
+        print(f"{args.init_from or checkpoint_path(args)}" + hellaswag.summary(scores))
+        return
     if args.chat:
         chat(model, template, args)
         return
@@ -1290,6 +1308,9 @@ def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, de
     # characters a token (1 for characters): of the val text, or of the val replies
     tokens = val_data if isinstance(val_data, torch.Tensor) else val_data[1][val_data[1] >= 0]
     chars_per_token = characters_per_token(tokenizer, tokens)
+    benchmark = None
+    if args.hellaswag:
+        benchmark = hellaswag.load(args.hellaswag, tokenizer, args.block_size)
 
     def on_checkpoint(step, history):
         # every process takes part
@@ -1301,7 +1322,7 @@ def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, de
 
     ddp_model = DDP(model) if args.world_size > 1 else model
     result = train(ddp_model, optimizer, train_data, val_data, args, device, chars_per_token,
-                   step, history, on_checkpoint)
+                   benchmark, step, history, on_checkpoint)
     del ddp_model
     # DDP keeps the process group in reference cycles: freed at exit instead, it can abort
     gc.collect()

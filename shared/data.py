@@ -27,22 +27,23 @@ def sha256(path):
     return digest.hexdigest()
 
 
-def download(path, url):
-    """Fetch Tiny Shakespeare into path. The file is written (atomically) only once its checksum
-    is right, so an interrupted download never leaves a file that looks complete."""
+def download(path, url, checksum, what, otherwise):
+    """Fetch what (a few words naming it) from url into path. The file is written (atomically)
+    only once its SHA-256 is checksum, so an interrupted download never leaves a file that looks
+    complete. otherwise: what else the user can do, for the sentence that says it failed."""
     path = Path(path)
-    print(f"downloading Tiny Shakespeare to {path}")
+    print(f"downloading {what} to {path}")
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             content = response.read()
-        if hashlib.sha256(content).hexdigest() != SHA256:
+        if hashlib.sha256(content).hexdigest() != checksum:
             raise UserError(f"the file downloaded from {url} has the wrong checksum; "
                             f"try again later, or save it yourself as {path}")
         with atomic_write(path) as f:
             f.write(content)
     except (urllib.error.URLError, OSError) as err:
-        raise UserError(f"could not download Tiny Shakespeare ({err}); save {url} as {path} "
-                        "by hand, or train on your own text with --data FILE") from None
+        raise UserError(f"could not download {what} ({err}); save {url} as {path} "
+                        f"by hand, or {otherwise}") from None
 
 
 def read_text(path=None):
@@ -50,7 +51,8 @@ def read_text(path=None):
     file."""
     if path is None:
         if not DEFAULT_PATH.exists():
-            download(DEFAULT_PATH, URL)
+            download(DEFAULT_PATH, URL, SHA256, "Tiny Shakespeare",
+                     "train on your own text with --data FILE")
         if sha256(DEFAULT_PATH) != SHA256:
             raise UserError(f"{DEFAULT_PATH} is not the Tiny Shakespeare file this project expects "
                             "(wrong SHA-256); delete it to download it again")

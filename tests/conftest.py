@@ -173,3 +173,20 @@ def altered_copy(folder, out, how):
         weights[name] = weights[name][: weights[name].size(0) // 2].contiguous()
     save_file(weights, Path(out) / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_model_folder(tmp_path_factory):
+    """A GPT-2 with GPT-2's vocabulary but 2 layers of 32 channels and a 32-token context, every
+    weight and bias random (so a missed transpose or bias shows), saved by save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50_257, n_positions=32, n_embd=32, n_layer=2,
+                                     n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    model.save_pretrained(folder)
+    return folder, model

@@ -13,22 +13,6 @@ transformers = pytest.importorskip("transformers")
 gpt = load_stage("06_train_for_real")
 
 
-@pytest.fixture(scope="module")
-def hf_model_folder(tmp_path_factory):
-    """A GPT-2 with GPT-2's vocabulary but 2 layers of 32 channels and a 32-token context, every
-    weight and bias random (so a missed transpose or bias shows), saved by save_pretrained."""
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50_257, n_positions=32, n_embd=32, n_layer=2,
-                                     n_head=4)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    model.save_pretrained(folder)
-    return folder, model
-
-
 def test_loaded_weights_give_hugging_faces_logits(hf_model_folder):
     folder, hf_model = hf_model_folder
     model = gpt.GPT.from_pretrained(folder)
