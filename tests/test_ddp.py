@@ -1,4 +1,5 @@
 """Stage 06 on two processes with torchrun and DDP over Gloo (CPU)."""
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import types
 import torch
 
 from conftest import ROOT, load_stage
+from shared import prepare
 
 gpt = load_stage("06_train_for_real")
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
@@ -28,19 +30,37 @@ def val_losses(stdout):
             for line in stdout.splitlines() if "val loss" in line}
 
 
-def test_two_processes_train_write_one_checkpoint_and_resume(tmp_path):
-    first = torchrun("06_train_for_real.py", *TINY, "--max-iters", "20", "--eval-interval", "10",
-                     "--lr", "1e-2", "--out", str(tmp_path))
+def test_two_processes_train_on_shards_write_one_checkpoint_and_resume(tmp_path, capsys):
+    """From a folder of token shards, HellaSwag scored at each evaluation: each process scores
+    half of the examples and the printed score is that of the whole file."""
+    text = tmp_path / "text.txt"
+    text.write_text((ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000])
+    prepare.prepare([str(text)], tmp_path / "shards", shard_tokens=50_000, progress=False)
+    lines = [line for line in text.read_text().splitlines() if len(line) > 10]
+    examples = tmp_path / "hellaswag.jsonl"
+    examples.write_text("".join(json.dumps({"ctx": lines[i], "label": 0, "endings": [
+        lines[i + 1], lines[i + 40], lines[i + 80], lines[i + 120]]}) + "\n"
+                                for i in range(0, 420, 20)))
+    out = tmp_path / "run"
+    flags = [*TINY, "--data", str(tmp_path / "shards"), "--eval-interval", "10", "--lr", "1e-2",
+             "--dtype", "float32", "--hellaswag", str(examples), "--out", str(out)]
+    first = torchrun("06_train_for_real.py", *flags, "--max-iters", "20")
     assert first.returncode == 0, first.stderr
     assert "x 2 process(es) = 128 tokens per step" in first.stdout
     losses = val_losses(first.stdout)
     assert list(losses) == [0, 10, 20] and losses[20] < losses[0] - 0.3  # printed once, by rank 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "loss.png", "metrics.json"]
-    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "loss.png", "metrics.json"]
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 20 and len(checkpoint["rng_states"]) == 2
+    # the 21 examples scored in one process
+    capsys.readouterr()
+    gpt.main(["--sample", "--hellaswag", str(examples), "--out", str(out)])
+    alone = capsys.readouterr().out.splitlines()[-1].split(", hellaswag")[1]
+    assert "hellaswag: 21 examples" in first.stdout
+    assert [line for line in first.stdout.splitlines() if "step 20:" in line][0].split(
+        ", hellaswag")[1].startswith(alone)
 
-    resumed = torchrun("06_train_for_real.py", *TINY, "--max-iters", "30", "--eval-interval", "10",
-                       "--lr", "1e-2", "--resume", "--out", str(tmp_path))
+    resumed = torchrun("06_train_for_real.py", *flags, "--max-iters", "30", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from step 20" in resumed.stdout and list(val_losses(resumed.stdout)) == [30]
 

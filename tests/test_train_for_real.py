@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, load_stage, stage_error
+from shared import prepare
 
 gpt = load_stage("06_train_for_real")
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
@@ -63,9 +64,15 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert tokenizer.vocab_size == 65 and tokenizer.decode(tokenizer.encode("ROMEO:")) == "ROMEO:"
 
 
+@pytest.mark.parametrize("data", ["text", "shards"])
 def test_ctrl_c_then_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch,
-                                                                          capsys):
+                                                                          capsys, data):
     flags = [*TINY, "--dropout", "0.1", "--max-iters", "20", "--eval-interval", "5"]
+    if data == "shards":
+        # Tiny Shakespeare in four shards, which batches cross
+        prepare.prepare([str(ROOT / "data" / "tinyshakespeare.txt")], tmp_path / "shards",
+                        shard_tokens=300_000, progress=False)
+        flags += ["--data", str(tmp_path / "shards")]
     gpt.main([*flags, "--out", str(tmp_path / "whole")])
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"]
 
