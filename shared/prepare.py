@@ -4,16 +4,22 @@ training reads a window at a time (--data FOLDER), so that its memory stays flat
     python -m shared.prepare corpus/ --tokenizer gpt2 --out data/corpus --workers 2
     python 07_modern.py --data data/corpus --tokenizer gpt2
 
-The inputs are text files, folders (their .txt files, in sorted order) or glob patterns; each
-file is a document, and documents are joined by the tokenizer's end-of-text token where it has
-one (GPT-2's <|endoftext|>; the character tokenizer, whose vocabulary is the corpus's own
-characters, has none). A file longer than --piece-chars is tokenized in pieces, cut only between
-the two newlines of a paragraph break, where GPT-2's byte-pair encoding never joins a token across
-(a test checks it gives the whole file's tokens). The stream of tokens is cut into shards of
---shard-tokens tokens, uint16 where the vocabulary fits and uint32 otherwise, each written
-atomically; meta.json says what the folder holds: the tokenizer, each shard's tokens and SHA-256,
-and where validation begins, the last 10% of the tokens as for a text file. Running the same
-command again goes on after the last shard written: a Ctrl-C leaves only whole shards.
+    python -m shared.prepare --dataset HuggingFaceFW/fineweb-edu --dataset-config sample-10BT \\
+        --tokenizer gpt2 --out data/fineweb_edu --workers 8
+
+The inputs are text files, folders (their .txt files, in sorted order) or glob patterns, each
+file a document; or a Hugging Face dataset (a name on the hub, or a local folder of its files),
+streamed through `datasets` (pip install datasets), each row's --text-field a document.
+Documents are joined by the tokenizer's end-of-text token where it has one (GPT-2's
+<|endoftext|>; the character tokenizer, whose vocabulary is the corpus's own characters, has
+none, and needs files: its vocabulary is read from them first). A document longer than
+--piece-chars is tokenized in pieces, cut only between the two newlines of a paragraph break,
+where GPT-2's byte-pair encoding never joins a token across (a test checks it gives the whole
+file's tokens). The stream of tokens is cut into shards of --shard-tokens tokens, uint16 where
+the vocabulary fits and uint32 otherwise, each written atomically; meta.json says what the folder
+holds: the tokenizer, each shard's tokens and SHA-256, and where validation begins, the last 10%
+of the tokens as for a text file. Running the same command again goes on after the last shard
+written: a Ctrl-C leaves only whole shards.
 """
 import argparse
 import glob
@@ -76,15 +82,36 @@ def pieces(text, piece_chars):
     yield text[start:]
 
 
-def units(files, piece_chars, end_of_text):
-    """What is tokenized, in order: (file index, piece of text, whether an end-of-text token
-    follows it), the token after each document but the last."""
-    for i, path in enumerate(files):
-        text = read_file(path, "")
-        *rest, last = pieces(text, piece_chars)
-        for piece in rest:
-            yield i, piece, False
-        yield i, last, end_of_text is not None and i < len(files) - 1
+def file_documents(files):
+    for path in files:
+        yield read_file(path, "")
+
+
+def dataset_documents(name, config, split, field):
+    """The texts of a Hugging Face dataset's split, streamed: nothing is downloaded whole."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("--dataset is read through Hugging Face datasets: "
+                        "pip install datasets") from None
+    try:
+        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+        for row in rows:
+            if not isinstance(row.get(field), str):
+                raise UserError(f"--dataset {name}: its rows have no text field {field!r} (they "
+                                f"have {', '.join(row)}); name it with --text-field")
+            yield row[field]
+    except (OSError, ValueError, ConnectionError) as err:
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"--dataset {name}: cannot read it ({why})") from None
+
+
+def units(documents, piece_chars, end_of_text):
+    """What is tokenized, in order: (document index, piece of text, whether an end-of-text token
+    comes before it), the token before each document but the first: documents joined by it."""
+    for i, text in enumerate(documents):
+        for j, piece in enumerate(pieces(text, piece_chars)):
+            yield i, piece, end_of_text is not None and i > 0 and j == 0
 
 
 def start_worker(identity):
@@ -94,12 +121,12 @@ def start_worker(identity):
 
 
 def encode(unit):
-    """A unit's tokens (its end-of-text token included), in the shards' type, and its file's
-    index."""
-    index, text, then_end = unit
+    """A unit's tokens (its end-of-text token included), in the shards' type, and its
+    document's index."""
+    index, text, end_first = unit
     tokens = worker_tokenizer.encode(text)
-    if then_end:
-        tokens.append(end_of_text_id(worker_tokenizer))
+    if end_first:
+        tokens.insert(0, end_of_text_id(worker_tokenizer))
     return np.array(tokens, dtype=worker_dtype), index
 
 
@@ -136,14 +163,19 @@ def write_meta(folder, meta):
 
 
 def prepare(inputs, out, tokenizer_name="char", shard_tokens=100_000_000, workers=1,
-            piece_chars=8_000_000, progress=True):
-    """The corpus of inputs as shards in the folder out (see the module's docstring); returns
-    meta.json's content. A folder prepared with other settings is refused; one prepared part of
-    the way with these is gone on with, from the unit of text its last shard ended in."""
+            piece_chars=8_000_000, progress=True, dataset=None):
+    """The corpus of inputs, or of dataset (load_dataset's name, config, split and the text
+    field), as shards in the folder out (see the module's docstring); returns meta.json's
+    content. A folder prepared with other settings is refused; one prepared part of the way with
+    these is gone on with, from the unit of text its last shard ended in."""
     from tqdm import tqdm
-    files = input_files(inputs)
-    settings = {"inputs": [str(p) for p in files], "tokenizer": tokenizer_name,
-                "shard_tokens": shard_tokens, "piece_chars": piece_chars}
+    if dataset and tokenizer_name == "char":
+        raise UserError("the character tokenizer's vocabulary is read from files first; with "
+                        "--dataset, name a tokenizer such as --tokenizer gpt2")
+    files = [] if dataset else input_files(inputs)
+    source = {"dataset": dataset} if dataset else {"inputs": [str(p) for p in files]}
+    settings = {**source, "tokenizer": tokenizer_name, "shard_tokens": shard_tokens,
+                "piece_chars": piece_chars}
     out = Path(out)
     meta_path = out / PREPARED_META
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
@@ -162,27 +194,31 @@ def prepare(inputs, out, tokenizer_name="char", shard_tokens=100_000_000, worker
     out.mkdir(parents=True, exist_ok=True)
     dtype = shard_dtype(tokenizer.vocab_size)
     first = meta["resume"]["unit"]
-    todo = (unit for i, unit in enumerate(units(files, piece_chars, end_of_text_id(tokenizer)))
+    documents = dataset_documents(**dataset) if dataset else file_documents(files)
+    todo = (unit for i, unit in enumerate(units(documents, piece_chars, end_of_text_id(tokenizer)))
             if i >= first)
     pool = None
     if workers > 1:
         pool = multiprocessing.Pool(workers, start_worker, (tokenizer.identity(),))
     else:
         start_worker(tokenizer.identity())
-    bar = tqdm(total=len(files), unit="doc", disable=not progress, desc=f"preparing {out}")
+    bar = tqdm(total=len(files) or None, unit="doc", disable=not progress,
+               desc=f"preparing {out}")
     start, made = time.time(), 0
+    # documents begun so far
+    begun = 0
     buffer, buffered = [], 0
     try:
         encoded = pool.imap(encode, todo) if pool else map(encode, todo)
-        for number, (tokens, file_index) in enumerate(encoded, start=first):
+        for number, (tokens, document) in enumerate(encoded, start=first):
             # of the unit a rerun starts in, the tokens in shards already
             skipped = meta["resume"]["skip"] if number == first else 0
             tokens = tokens[skipped:]
             buffer.append(tokens)
             buffered += len(tokens)
             made += len(tokens)
-            # documents begun so far
-            bar.update(file_index + 1 - bar.n)
+            begun = document + 1
+            bar.update(begun - bar.n)
             bar.set_postfix_str(f"{made / max(time.time() - start, 1e-9):,.0f} tokens/s")
             while buffered >= shard_tokens:
                 stream = np.concatenate(buffer)
@@ -200,11 +236,12 @@ def prepare(inputs, out, tokenizer_name="char", shard_tokens=100_000_000, worker
         meta["shards"].append(write_shard(out, len(meta["shards"]), np.concatenate(buffer), dtype))
     meta["tokens"] = sum(shard["tokens"] for shard in meta["shards"])
     if meta["tokens"] < 2:
-        raise UserError(f"{' '.join(inputs)} holds no text to train on")
+        raise UserError(f"{dataset['name'] if dataset else ' '.join(inputs)} holds no text to "
+                        "train on")
     meta["val_start"] = int((1 - VAL_SHARE) * meta["tokens"])
     meta["done"] = True
     write_meta(out, meta)
-    print(f"{out}: {meta['tokens']:,} tokens of {len(files):,} document(s) in "
+    print(f"{out}: {meta['tokens']:,} tokens of {begun:,} document(s) in "
           f"{len(meta['shards'])} shard(s) of {np.dtype(dtype).name}, "
           f"{made / max(time.time() - start, 1e-9):,.0f} tokens/s; validation from token "
           f"{meta['val_start']:,}")
@@ -214,7 +251,12 @@ def prepare(inputs, out, tokenizer_name="char", shard_tokens=100_000_000, worker
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m shared.prepare",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="+", help="text files, folders or glob patterns")
+    parser.add_argument("inputs", nargs="*", help="text files, folders or glob patterns")
+    parser.add_argument("--dataset", metavar="NAME|DIR",
+                        help="a Hugging Face dataset instead, streamed (needs datasets)")
+    parser.add_argument("--dataset-config", help="the dataset's configuration, e.g. sample-10BT")
+    parser.add_argument("--split", default="train", help="the dataset's split")
+    parser.add_argument("--text-field", default="text", help="the field of a row that is text")
     parser.add_argument("--out", required=True, help="the folder of shards, for --data")
     parser.add_argument("--tokenizer", default="char",
                         help="char, a tiktoken encoding such as gpt2, or a Hugging Face tokenizer")
@@ -224,8 +266,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.shard_tokens < 1 or args.workers < 1:
         parser.error("--shard-tokens and --workers must be 1 or more")
+    if bool(args.inputs) == bool(args.dataset):
+        parser.error("give text files, folders or patterns, or --dataset, and not both")
+    dataset = None
+    if args.dataset:
+        dataset = {"name": args.dataset, "config": args.dataset_config, "split": args.split,
+                   "field": args.text_field}
     prepare(args.inputs, args.out, args.tokenizer, args.shard_tokens, args.workers,
-            progress=sys.stderr.isatty())
+            progress=sys.stderr.isatty(), dataset=dataset)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -139,3 +140,51 @@ def test_the_command_says_what_it_wrote_and_refuses_in_one_line(tmp_path, capsys
             prog="python -m shared.prepare")
     err = capsys.readouterr().err.strip()
     assert err == f"python -m shared.prepare: error: {tmp_path / 'binary.txt'} is not UTF-8 text"
+
+
+def test_a_hugging_face_dataset_is_streamed_into_the_shards_its_texts_as_files_give(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    texts = ["First document.\n\nIts second paragraph." * 50, "Second one." * 300, "Third."]
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "files").mkdir()
+    with open(tmp_path / "dataset" / "part-0.jsonl", "w") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+            (tmp_path / "files" / f"{i}.txt").write_text(text)
+    # a local folder of the dataset's files: load_dataset reads it as it reads one on the hub
+    assert [row["id"] for row in datasets.load_dataset(str(tmp_path / "dataset"), split="train",
+                                                       streaming=True)] == [0, 1, 2]
+    dataset = {"name": str(tmp_path / "dataset"), "config": None, "split": "train",
+               "field": "text"}
+    streamed = prepare.prepare([], tmp_path / "streamed", "gpt2", shard_tokens=500,
+                               piece_chars=1000, progress=False, dataset=dataset)
+    from_files = prepare.prepare([str(tmp_path / "files")], tmp_path / "from_files", "gpt2",
+                                 shard_tokens=500, piece_chars=1000, progress=False)
+    assert streamed["settings"]["dataset"] == dataset
+    assert streamed["shards"] == from_files["shards"] and len(streamed["shards"]) > 2
+    with pytest.raises(UserError, match="no text field 'content' .*have id, text.*--text-field"):
+        prepare.prepare([], tmp_path / "other", "gpt2", progress=False,
+                        dataset={**dataset, "field": "content"})
+    with pytest.raises(UserError, match="name a tokenizer such as --tokenizer gpt2"):
+        prepare.prepare([], tmp_path / "char", "char", progress=False, dataset=dataset)
+
+
+def test_a_dataset_that_cannot_be_read_gets_one_sentence(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("datasets")
+    # offline at once, as this machine is: the hub is not asked (which retries for half a minute)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit):
+        run(lambda: prepare.main(["--dataset", "someone/no-such-dataset", "--tokenizer", "gpt2",
+                                  "--out", str(tmp_path / "out")]), prog="python -m shared.prepare")
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m shared.prepare: error: --dataset someone/no-such-dataset: "
+                          "cannot read it (") and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        run(lambda: prepare.main([str(SHAKESPEARE), "--dataset", "x", "--out", str(tmp_path)]),
+            prog="python -m shared.prepare")
+    assert "and not both" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
+    with pytest.raises(UserError, match="pip install datasets"):
+        prepare.prepare([], tmp_path / "out", "gpt2", progress=False,
+                        dataset={"name": "x", "config": None, "split": "train", "field": "text"})
