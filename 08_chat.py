@@ -86,16 +86,23 @@ PRESETS = {
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+    # GPT-2 124M again, with build-nanogpt's recipe for 10B tokens of FineWeb-Edu (see the README)
+    "gpt2-10b": GPTConfig(n_layer=12, n_head=12, n_embd=768),
 }
 
-# Training recipes: `cpu` for the cpu preset, `gpu` (the lecture's) for the others, `finetune`
-# for pretrained weights (--init-from): a small learning rate, so that it adapts, not forgets.
-# Pretraining takes cpu's or gpu's, as stage 07 does; fine-tuning a model of ours takes `chat`.
+# Training recipes: one of its own for the cpu and the gpt2-10b presets, `gpu` (the lecture's)
+# for the others, `finetune` for pretrained weights (--init-from): a small learning rate, so that
+# it adapts, not forgets.
+# Pretraining takes its preset's, as stage 07 does; fine-tuning a model of ours takes `chat`.
 RECIPES = {
     "cpu": dict(batch_size=64, max_iters=420, eval_interval=210, eval_iters=20, lr=8e-3,
                 warmup_iters=30, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
     "gpu": dict(batch_size=64, max_iters=5000, eval_interval=250, eval_iters=200, lr=1e-3,
                 warmup_iters=100, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
+    # 64 x 1,024 tokens on each of 8 GPUs: 524,288 a step, and 19,073 steps make 10B tokens; on
+    # one GPU, --grad-accum-steps 8 makes the same step
+    "gpt2-10b": dict(batch_size=64, max_iters=19073, eval_interval=250, eval_iters=20, lr=6e-4,
+                     warmup_iters=715, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
     "finetune": dict(batch_size=8, max_iters=200, eval_interval=50, eval_iters=20, lr=3e-5,
                      warmup_iters=10, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
     "chat": dict(batch_size=32, max_iters=80, eval_interval=20, eval_iters=8, lr=5e-4,
@@ -1201,7 +1208,7 @@ def demo(model, template, conversations, args, device):
 def pretrain(args, preset, rank, device):
     """Stage 07's run with its recipe, into --out/pretrained, --pretrain-iters steps long. Returns
     the signal that stopped it, if one did."""
-    recipe = RECIPES["cpu" if preset == "cpu" else "gpu"]
+    recipe = RECIPES.get(preset, RECIPES["gpu"])
     args = argparse.Namespace(**{**vars(args), **recipe, "out": str(Path(args.out) / "pretrained")})
     args.max_iters = args.pretrain_iters or args.max_iters
     path = checkpoint_path(args)

@@ -82,7 +82,8 @@ UNCHANGED = {
     ("03_multi_head", "04_block"): COMMON,
     # the recipe changes train
     ("04_block", "05_gpt"): ["estimate_loss", "progress", "check_finite"],
-    ("05_gpt", "06_train_for_real"): ["GPTConfig", "PRESETS", "KVCache", "CausalSelfAttention",
+    # PRESETS gains gpt2-10b, GPT-2 124M trained for real
+    ("05_gpt", "06_train_for_real"): ["GPTConfig", "KVCache", "CausalSelfAttention",
                                       "causal_attention_weights", "MLP", "Block", "resolve_dtype",
                                       "autocast", "configure_optimizer", "learning_rate",
                                       "check_finite", "greedy", "top_k_filter", "top_p_filter",
@@ -228,3 +229,20 @@ def test_layout_costs_no_tokens_and_words_do():
 def test_the_numbered_scripts_are_all_stages():
     assert [p.stem for p in sorted(ROOT.glob("[0-9][0-9]_*.py"))] == ALL_STAGES
     assert STAGES == ALL_STAGES[:4]
+
+
+@pytest.mark.parametrize("name", ["06_train_for_real", "07_modern", "08_chat", "09_lora"])
+def test_the_gpt2_10b_preset_is_build_nanogpts_recipe(name):
+    """GPT-2 124M's shape; 524,288 tokens a step on 8 processes; 19,073 steps, 10B tokens; a peak
+    learning rate of 6e-4 after 715 steps of warm-up."""
+    stage = load_stage(name)
+    recipe = stage.RECIPES["gpt2-10b"]
+    config = stage.PRESETS["gpt2-10b"]
+    assert (config.n_layer, config.n_head, config.n_embd, config.block_size) == (12, 12, 768, 1024)
+    assert recipe["batch_size"] * config.block_size * recipe["grad_accum_steps"] * 8 == 524_288
+    assert abs(recipe["max_iters"] * 524_288 - 10e9) < 0.001 * 10e9
+    assert (recipe["lr"], recipe["warmup_iters"], recipe["eval_interval"]) == (6e-4, 715, 250)
+    if name in ("06_train_for_real", "07_modern"):
+        args, preset = stage.parse_flags(["--preset", "gpt2-10b"])
+        assert preset == "gpt2-10b" and args.block_size == 1024 and args.max_iters == 19073
+        assert args.lr == 6e-4 and args.n_embd == 768
