@@ -31,10 +31,11 @@ def train(stage, model, train_data, val_data, args):
     if stage.__name__ in STAGES + ["05_gpt"]:
         history, _ = stage.train(model, train_data, val_data, args, device, 1.0)
         return history
-    # stages 06 and on: an optimizer of their own, a first step, and a checkpoint writer
+    # stages 06 and on: an optimizer of their own, no benchmark, a first step, and a checkpoint
+    # writer
     optimizer = stage.configure_optimizer(model, args)
-    history, *_ = stage.train(model, optimizer, train_data, val_data, args, device, 1.0, 0, [],
-                              lambda step, history: None)
+    history, *_ = stage.train(model, optimizer, train_data, val_data, args, device, 1.0, None, 0,
+                              [], lambda step, history: None)
     return history
 
 
