@@ -969,6 +969,9 @@ def add_flags(parser):
                         "transformers); without it, a model is pretrained first")
     parser.add_argument("--pretrain-iters", type=checked("pretrain_iters", int),
                         help="steps of the pretraining without --init-from (default: stage 07's)")
+    parser.add_argument("--pretrain-data", metavar="FILE|DIR",
+                        help="pretrain on this text, or a folder of token shards written by "
+                        "python -m shared.prepare, instead of Tiny Shakespeare")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                         default="auto", help="autocast precision for training; "
                         "auto: bfloat16 where the hardware has it")
@@ -1098,11 +1101,12 @@ def load_text(args, checkpoint):
         check_resumable(checkpoint, args, checkpoint_path(args))
         args.tokenizer = checkpoint["tokenizer"].get("name", "char")
     args.tokenizer = args.tokenizer or args.init_from or "char"
-    # Tiny Shakespeare: --data is the conversations to fine-tune on
-    tokenizer, train_data, val_data = load_dataset(None, args.block_size, args.tokenizer)
+    # --data is the conversations to fine-tune on
+    tokenizer, train_data, val_data = load_dataset(args.pretrain_data, args.block_size,
+                                                   args.tokenizer)
     if checkpoint and tokenizer.identity() != checkpoint["tokenizer"]:
         raise UserError(f"{checkpoint_path(args)} was trained on another text; "
-                        "resume with the same --data")
+                        "resume with the same --pretrain-data")
     return tokenizer, train_data, val_data
 
 
@@ -1216,7 +1220,8 @@ def pretrain(args, preset, rank, device):
     if args.resume and read_checkpoint(path)["step"] >= args.max_iters:
         # pretrained already, before the run stopped
         return None
-    print(f"pretraining on Tiny Shakespeare, as stage 07 does, into {args.out}")
+    print(f"pretraining on {args.pretrain_data or 'Tiny Shakespeare'}, as stage 07 does, into "
+          f"{args.out}")
     checkpoint = starting_checkpoint(args)
     tokenizer, train_data, val_data = load_text(args, checkpoint)
     model = make_model(args, preset, tokenizer, checkpoint, device)
