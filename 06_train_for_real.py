@@ -750,7 +750,7 @@ def sample_only(args, device):
     if args.hellaswag:
         benchmark = hellaswag.load(args.hellaswag, tokenizer, model.block_size)
         scores = hellaswag.evaluate(model, benchmark, args.batch_size, device)
-        print(f"{args.init_from or checkpoint_path(args)}" + hellaswag.summary(scores))
+        print(f"{args.init_from or checkpoint_path(args)}{hellaswag.summary(scores)}")
         return
     if args.plot_attention:
         report.plot_attention(model, tokenizer, torch.tensor(prompt), args.out)

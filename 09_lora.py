@@ -1230,7 +1230,7 @@ def sample_only(args, device):
     if args.hellaswag:
         benchmark = hellaswag.load(args.hellaswag, template, model.block_size)
         scores = hellaswag.evaluate(model, benchmark, args.batch_size, device)
-        print(f"{args.init_from or checkpoint_path(args)}" + hellaswag.summary(scores))
+        print(f"{args.init_from or checkpoint_path(args)}{hellaswag.summary(scores)}")
         return
     if args.chat:
         chat(model, template, args)

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from shared import UserError
-from shared.data import download
+from shared.data import download, read_file
 from shared.device import all_reduce
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -36,14 +36,8 @@ def read_examples(path=None):
         if not path.exists():
             download(path, URL, SHA256, "HellaSwag's validation set",
                      "score a file of your own with --hellaswag FILE")
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"--hellaswag {path}: cannot read it "
-                        f"({getattr(err, 'strerror', None) or err})") from None
     examples = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(read_file(path, "--hellaswag ").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -63,7 +57,7 @@ def read_examples(path=None):
 
 def tokenize(examples, tokenizer, block_size):
     """Each example as four rows of tokens (context, then an ending), where each ending starts,
-    and its label. A row longer than the context keeps its last block_size tokens. Examples with
+    and its label. A row longer than block_size keeps its last block_size tokens. Examples with
     text the tokenizer can't encode (a character tokenizer lacks characters), or too short to
     score, are left out."""
     tokenized = []
