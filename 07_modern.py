@@ -949,9 +949,9 @@ def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, de
     result = train(ddp_model, optimizer, train_data, val_data, args, device, chars_per_token,
                    benchmark, step, history, on_checkpoint)
     del ddp_model
-    # DDP keeps the process group in reference cycles: freed at exit instead, it can abort
-    gc.collect()
     if dist.is_initialized():
+        # DDP keeps the process group in reference cycles: freed at exit instead, it can abort
+        gc.collect()
         # leave together: a process gone early can abort the others' teardown
         dist.barrier()
         dist.destroy_process_group()

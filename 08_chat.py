@@ -1159,8 +1159,9 @@ def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, de
     result = train(ddp_model, optimizer, train_data, val_data, args, device, chars_per_token,
                    benchmark, step, history, on_checkpoint)
     del ddp_model
-    # DDP keeps the process group in reference cycles: freed at exit instead, it can abort
-    gc.collect()
+    if args.world_size > 1:
+        # DDP keeps the process group in reference cycles: freed at exit instead, it can abort
+        gc.collect()
     return result
 
 
