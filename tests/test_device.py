@@ -44,9 +44,9 @@ MEASURE = textwrap.dedent("""
 
 MEASURED = {
     "01_bigram": ["--batch-size", "512", "--block-size", "256"],  # the logits, nothing else
-    "02_single_head": ["--batch-size", "256", "--block-size", "256"],  # attention matrices
+    "02_single_head": ["--batch-size", "128", "--block-size", "256"],  # attention matrices
     # the cpu preset's model
-    "05_gpt": ["--batch-size", "64", "--block-size", "256", "--dtype", "float32"],
+    "05_gpt": ["--batch-size", "32", "--block-size", "256", "--dtype", "float32"],
 }
 
 
