@@ -580,7 +580,8 @@ def fine_tuning_data(args, template, train, val):
 def get_batch(data, batch_size, block_size, device, generator=None):
     """Pretraining: random windows of a text (shared.data's get_batch). Fine-tuning: random
     examples of fit's, data being their inputs and targets."""
-    if isinstance(data, torch.Tensor):
+    # a text's tokens, in a tensor or in shards on disk; fine-tuning's examples are a tuple
+    if not isinstance(data, tuple):
         return text_batch(data, batch_size, block_size, device, generator)
     inputs, targets = data
     ix = torch.randint(len(inputs), (batch_size,), generator=generator)
@@ -1317,7 +1318,7 @@ def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, de
     """train() in every process, DDP keeping their models the same, with checkpoints written by
     rank 0. Returns what train() returns."""
     # characters a token (1 for characters): of the val text, or of the val replies
-    tokens = val_data if isinstance(val_data, torch.Tensor) else val_data[1][val_data[1] >= 0]
+    tokens = val_data[1][val_data[1] >= 0] if isinstance(val_data, tuple) else val_data
     chars_per_token = characters_per_token(tokenizer, tokens)
     benchmark = None
     if args.hellaswag:

@@ -255,14 +255,18 @@ def main(argv=None):
     parser.add_argument("--dataset", metavar="NAME|DIR",
                         help="a Hugging Face dataset instead, streamed (needs datasets)")
     parser.add_argument("--dataset-config", help="the dataset's configuration, e.g. sample-10BT")
-    parser.add_argument("--split", default="train", help="the dataset's split")
-    parser.add_argument("--text-field", default="text", help="the field of a row that is text")
+    parser.add_argument("--split", default="train",
+                        help="the dataset's split (default: %(default)s)")
+    parser.add_argument("--text-field", default="text",
+                        help="the field of a row that is text (default: %(default)s)")
     parser.add_argument("--out", required=True, help="the folder of shards, for --data")
     parser.add_argument("--tokenizer", default="char",
-                        help="char, a tiktoken encoding such as gpt2, or a Hugging Face tokenizer")
+                        help="char, a tiktoken encoding such as gpt2, or a Hugging Face tokenizer "
+                        "(default: %(default)s)")
     parser.add_argument("--shard-tokens", type=int, default=100_000_000,
-                        help="tokens a shard")
-    parser.add_argument("--workers", type=int, default=1, help="processes that tokenize")
+                        help="tokens a shard (default: 100,000,000)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes that tokenize (default: 1)")
     args = parser.parse_args(argv)
     if args.shard_tokens < 1 or args.workers < 1:
         parser.error("--shard-tokens and --workers must be 1 or more")

@@ -20,8 +20,8 @@
               wall-clock time; peak memory and time a step of fine-tuning a model of
               Qwen3-0.6B's shape (random weights), in full and with LoRA
   corpus      a corpus of 1 GB (Tiny Shakespeare 900 times, in 100 files) prepared into token
-              shards with 1 and 2 workers; python 07_modern.py --tokenizer gpt2 on Tiny
-              Shakespeare and on those shards: whole command, time a step, peak memory
+              shards with 1 and 2 workers; stages 06 to 09 with --tokenizer gpt2 on Tiny
+              Shakespeare and on those shards: whole command, peak memory
 
 Not a test (pytest does not collect it). Run it on an otherwise idle machine:
 
@@ -627,7 +627,7 @@ def timed(command):
 def measure_corpus():
     """Each command from a child of its own, whose only child it is, so that its peak memory is
     its own."""
-    from shared.data import read_text
+    from shared.data import get_batch, load_dataset, read_text
     text = read_text()
     with tempfile.TemporaryDirectory() as folder:
         docs = Path(folder) / "docs"
@@ -643,15 +643,29 @@ def measure_corpus():
                                              "--workers", workers]))
             print(f"  prepare, {workers} worker(s) | {run['wall']:.1f} s | {run['peak']:,.0f} MB | "
                   f"{run['printed'].strip().splitlines()[-1]}", flush=True)
-        flags = ["--tokenizer", "gpt2", "--max-iters", "20", "--eval-interval", "10",
-                 "--eval-iters", "10", "--max-new-tokens", "0"]
-        shards = ["--data", f"{folder}/shards_1"]
-        for name, data in (("Tiny Shakespeare", []), ("the shards", shards)):
-            run = child("timed", json.dumps(["07_modern.py", *flags, *data, "--overwrite",
-                                             "--out", f"{folder}/run"]))
-            last = [line for line in run["printed"].splitlines() if line.startswith("step 20")]
-            print(f"  07_modern on {name} | {run['wall']:.1f} s | {run['peak']:,.0f} MB | "
-                  f"{last[-1]}", flush=True)
+        for name, path in (("Tiny Shakespeare's tensor", None), ("the shards",
+                                                                 f"{folder}/shards_1")):
+            _, train_data, _ = load_dataset(path, 64, "gpt2")
+            start = time.perf_counter()
+            for _ in range(200):
+                get_batch(train_data, 64, 64, "cpu")
+            print(f"  a batch of 64 windows of 64 tokens from {name}: "
+                  f"{(time.perf_counter() - start) / 200 * 1000:.2f} ms (200 batches)")
+        flags = ["--tokenizer", "gpt2", "--max-iters", "10", "--eval-interval", "10",
+                 "--eval-iters", "10", "--max-new-tokens", "0", "--overwrite"]
+        # the chat stages pretrain on the corpus, then fine-tune on the conversations as always
+        chat = ["--pretrain-iters", "10"]
+        for stage in ("06_train_for_real", "07_modern", "08_chat", "09_lora"):
+            data = "--pretrain-data" if stage in ("08_chat", "09_lora") else "--data"
+            for name, corpus in (("Tiny Shakespeare", []), ("the shards",
+                                                            [data, f"{folder}/shards_1"])):
+                extra = chat if data == "--pretrain-data" else []
+                run = child("timed", json.dumps([f"{stage}.py", *flags, *extra, *corpus, "--out",
+                                                 f"{folder}/run_{stage}"]))
+                last = [line for line in run["printed"].splitlines()
+                        if line.startswith("step 10:")]
+                print(f"  {stage} on {name} | {run['wall']:.1f} s | {run['peak']:,.0f} MB | "
+                      f"{last[0]}", flush=True)
 
 
 def measure_lora():

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, load_stage, quick_flags, stage_error
+from conftest import CHAT_STAGES, ROOT, load_stage, quick_flags, stage_error
 from shared import UserError, prepare
 from shared.cli import run
 from shared.data import TiktokenTokenizer, get_batch, load_dataset
@@ -28,6 +28,19 @@ def test_tiny_shakespeare_from_one_shard_trains_to_the_losses_of_the_text(tmp_pa
     for name, data in (("text", SHAKESPEARE), ("shards", tmp_path / "shards")):
         with contextlib.redirect_stdout(io.StringIO()):
             modern.main([*quick_flags("07_modern", tmp_path / name), "--data", str(data)])
+    assert history(tmp_path / "text") == history(tmp_path / "shards")
+
+
+@pytest.mark.parametrize("name", CHAT_STAGES)
+def test_the_chat_stages_pretrain_on_shards_to_the_losses_of_the_text(tmp_path, name):
+    """--pretrain-data FOLDER: the pretraining reads the shards, the fine-tuning after it the
+    conversations as always; both give the losses of the default run, on Tiny Shakespeare."""
+    prepare.prepare([str(SHAKESPEARE)], tmp_path / "shards", progress=False)
+    shards = ["--pretrain-data", str(tmp_path / "shards")]
+    for run_name, flags in (("text", []), ("shards", shards)):
+        with contextlib.redirect_stdout(io.StringIO()):
+            load_stage(name).main([*quick_flags(name, tmp_path / run_name), *flags])
+    assert history(tmp_path / "text" / "pretrained") == history(tmp_path / "shards" / "pretrained")
     assert history(tmp_path / "text") == history(tmp_path / "shards")
 
 
