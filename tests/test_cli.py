@@ -1,16 +1,14 @@
 """The scripts as a user runs them: end to end, bad input, and the diffs between stages."""
 import ast
-import difflib
-import io
 import itertools
 import subprocess
 import sys
-import tokenize
 
 import pytest
 import torch
 
 from conftest import ALL_STAGES, ROOT, STAGES, load_stage, quick_flags, stage_error
+from shared.site import changed_tokens
 
 
 def run_script(name, *flags):
@@ -127,9 +125,6 @@ UNCHANGED = {
 # main's steps, in this order, in every stage
 SKELETON = ["parse_args", "select_device", "load_dataset", "build_model", "train", "save_metrics",
             "plot_attention", "generate"]
-# what tokenize yields that layout alone decides
-LAYOUT = {tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER,
-          tokenize.ENCODING}
 
 
 def definitions(name):
@@ -168,29 +163,6 @@ def main_calls(name):
         return steps
 
     return calls("main")
-
-
-def words(source):
-    """A script as the diff budget counts it: Python's tokens, a comment or a string counting one
-    token a word; newlines, indentation and commas free, so that layout costs nothing."""
-    out = []
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type in LAYOUT or token.string == ",":
-            continue
-        if token.type == tokenize.COMMENT:
-            out.extend(token.string.lstrip("#").split())
-        elif token.type == tokenize.STRING:
-            out.extend(token.string.split())
-        else:
-            out.append(token.string)
-    return out
-
-
-def changed_tokens(before, after):
-    """Tokens removed plus tokens added from the script before to the script after, by the
-    opcodes of difflib's matcher over their words (without its junk heuristic)."""
-    matcher = difflib.SequenceMatcher(None, words(before), words(after), autojunk=False)
-    return sum(i2 - i1 + j2 - j1 for op, i1, i2, j1, j2 in matcher.get_opcodes() if op != "equal")
 
 
 def test_every_pair_of_consecutive_stages_has_a_budget():

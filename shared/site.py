@@ -1,0 +1,307 @@
+"""python -m shared.site: the stages and the diff of each pair of consecutive stages, side by
+side, as a static site of plain HTML and CSS (highlighted by Pygments) that opens from its folder
+or from GitHub Pages.
+
+    python -m shared.site --out site    # then open site/index.html
+
+The diffs are difflib's, over the lines of the two files; their sizes are counted as the diff
+test counts them (changed_tokens, the budget's measure).
+"""
+import argparse
+import ast
+import difflib
+import html
+import io
+import itertools
+import re
+import shutil
+import tokenize
+from pathlib import Path
+
+from shared import UserError
+from shared.cli import run
+
+ROOT = Path(__file__).resolve().parent.parent
+# in every page, so that a folder can be told to be a site built before, and rebuilt
+GENERATOR = "python -m shared.site"
+# unchanged lines shown either side of a change; a longer unchanged stretch is folded
+CONTEXT = 4
+# what tokenize yields that layout alone decides
+LAYOUT = {tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER,
+          tokenize.ENCODING}
+
+
+# ------------------------------------------------------------------------------ the diff's size
+
+def words(source):
+    """A script as the diff budget counts it: Python's tokens, a comment or a string counting one
+    token a word; newlines, indentation and commas free, so that layout costs nothing."""
+    out = []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type in LAYOUT or token.string == ",":
+            continue
+        if token.type == tokenize.COMMENT:
+            out.extend(token.string.lstrip("#").split())
+        elif token.type == tokenize.STRING:
+            out.extend(token.string.split())
+        else:
+            out.append(token.string)
+    return out
+
+
+def changed(before, after):
+    """Items removed plus items added from the list before to the list after, by the opcodes of
+    difflib's matcher (without its junk heuristic, which would skip common items)."""
+    matcher = difflib.SequenceMatcher(None, before, after, autojunk=False)
+    return sum(i2 - i1 + j2 - j1 for op, i1, i2, j1, j2 in matcher.get_opcodes() if op != "equal")
+
+
+def changed_tokens(before, after):
+    """The budget's measure of the diff between two scripts (tests/test_cli.py holds each pair of
+    stages to its budget): tokens removed plus tokens added, by their words."""
+    return changed(words(before), words(after))
+
+
+def lines_of(source):
+    return source.split("\n")[:-1] if source.endswith("\n") else source.split("\n")
+
+
+# ---------------------------------------------------------------------------------- the pages
+
+def stages():
+    return sorted(path.stem for path in ROOT.glob("[0-9][0-9]_*.py"))
+
+
+def stage_table():
+    """The README's table of the stages, {stage: (what it adds, parameters, val loss)}."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        script = re.fullmatch(r"`(\d\d_\w+)\.py`", cells[0])
+        if script and len(cells) >= 4:
+            rows[script.group(1)] = cells[1:4]
+    return rows
+
+
+def inline(text):
+    """A line of the README's markdown as HTML: escaped, its `code` in <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
+
+
+def prose(docstring):
+    """A stage's docstring as HTML: its paragraphs, and its indented lines as commands."""
+    parts = []
+    for paragraph in docstring.strip().split("\n\n"):
+        text, commands = [], []
+        for line in paragraph.splitlines():
+            (commands if line.startswith("    ") else text).append(line.strip())
+        if text:
+            parts.append(f"<p>{html.escape(' '.join(text))}</p>")
+        if commands:
+            parts.append(f"<pre>{html.escape(chr(10).join(commands))}</pre>")
+    return "\n".join(parts)
+
+
+def highlighted(source):
+    """Each line of a script as highlighted HTML (Pygments closes its spans at every line end)."""
+    from pygments import highlight
+    from pygments.formatters import HtmlFormatter
+    from pygments.lexers import PythonLexer
+    lexer = PythonLexer(stripnl=False, ensurenl=True)
+    out = lines_of(highlight(source, lexer, HtmlFormatter(nowrap=True)))
+    assert len(out) == len(lines_of(source)), "Pygments changed the number of lines"
+    return out
+
+
+def page(title, body, up=""):
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="{GENERATOR}">
+<title>{html.escape(title)}</title>
+<link rel="stylesheet" href="{up}style.css">
+</head>
+<body>
+{body}
+<script>
+// a link to a folded line unfolds it
+function unfold() {{
+  const target = location.hash && document.getElementById(location.hash.slice(1));
+  for (let node = target; node; node = node.parentElement) {{
+    if (node.tagName === "DETAILS") node.open = true;
+  }}
+  if (target) target.scrollIntoView({{block: "center"}});
+}}
+addEventListener("hashchange", unfold);
+unfold();
+</script>
+</body>
+</html>
+"""
+
+
+def nav(links):
+    return "<nav>" + " · ".join(links) + "</nav>"
+
+
+def number(side, n):
+    """A line number that is its line's link."""
+    return f'<a class="ln" id="{side}{n}" href="#{side}{n}">{n}</a>'
+
+
+def side(kind, number_html, code):
+    return f'{number_html}<code class="{kind}">{code}</code>'
+
+
+EMPTY = '<span class="ln"></span><code class="empty"></code>'
+
+
+def diff_rows(before, after):
+    """The rows of the side-by-side diff of two scripts (lists of lines, and of their highlighted
+    HTML): changed lines on both sides, paired; unchanged stretches longer than twice CONTEXT
+    folded into a <details> that unfolds."""
+    (old, old_html), (new, new_html) = before, after
+    matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+    out = []
+    opcodes = matcher.get_opcodes()
+    for index, (op, i1, i2, j1, j2) in enumerate(opcodes):
+        if op == "equal":
+            rows = [f'<div class="row same">{side("same", number("L", i + 1), old_html[i])}'
+                    f'{side("same", number("R", j + 1), new_html[j])}</div>'
+                    for i, j in zip(range(i1, i2), range(j1, j2), strict=True)]
+            # context after the change before, and before the change after
+            head = CONTEXT if index > 0 else 0
+            tail = CONTEXT if index < len(opcodes) - 1 else 0
+            if len(rows) > head + tail + 2 * CONTEXT:
+                folded = rows[head:len(rows) - tail]
+                out.extend(rows[:head])
+                out.append(f'<details class="fold"><summary>{len(folded)} unchanged lines '
+                           f"({i1 + head + 1}–{i1 + head + len(folded)} of the left)</summary>"
+                           + "".join(folded) + "</details>")
+                out.extend(rows[len(rows) - tail:])
+            else:
+                out.extend(rows)
+            continue
+        for k in range(max(i2 - i1, j2 - j1)):
+            i, j = i1 + k, j1 + k
+            left = side("del", number("L", i + 1), old_html[i]) if i < i2 else EMPTY
+            right = side("add", number("R", j + 1), new_html[j]) if j < j2 else EMPTY
+            out.append(f'<div class="row changed">{left}{right}</div>')
+    return out
+
+
+def stage_page(name, previous, following, intro, source_html):
+    links = ['<a href="index.html">all stages</a>']
+    if previous:
+        links.append(f'<a href="{previous}-{name}.html">diff from {previous}</a>')
+    if following:
+        links.append(f'<a href="{name}-{following}.html">diff to {following}</a>')
+    rows = "".join(f'<div class="row whole">{side("same", number("L", n), code)}</div>'
+                   for n, code in enumerate(source_html, 1))
+    body = (f"{nav(links)}\n<h1>{name}.py</h1>\n<section class=\"intro\">{intro}</section>\n"
+            f'<div class="code whole">{rows}</div>')
+    return page(f"{name}.py", body)
+
+
+def pair_page(pair, neighbours, size, intro, rows):
+    before, after = pair
+    links = ['<a href="index.html">all stages</a>']
+    if neighbours[0]:
+        links.append(f'<a href="{"-".join(neighbours[0])}.html">← {neighbours[0][0]} → '
+                     f"{neighbours[0][1]}</a>")
+    if neighbours[1]:
+        links.append(f'<a href="{"-".join(neighbours[1])}.html">{neighbours[1][0]} → '
+                     f"{neighbours[1][1]} →</a>")
+    removed, added, tokens = size
+    body = (f"{nav(links)}\n<h1>{before}.py → {after}.py</h1>\n"
+            f'<p class="size">{removed + added} lines changed ({removed} removed, {added} added), '
+            f"{tokens:,} tokens by the budget's measure</p>\n"
+            f'<section class="intro">{intro}</section>\n'
+            f'<div class="code diff"><div class="row titles"><span></span>'
+            f'<a href="{before}.html">{before}.py</a><span></span>'
+            f'<a href="{after}.html">{after}.py</a></div>{"".join(rows)}</div>')
+    return page(f"{before}.py → {after}.py", body)
+
+
+def index_page(names, table, sizes):
+    rows = []
+    for k, name in enumerate(names):
+        adds, parameters, loss = table.get(name, ("", "", ""))
+        diff = ""
+        if k:
+            removed, added, tokens = sizes[names[k - 1], name]
+            diff = (f'<a href="{names[k - 1]}-{name}.html">{removed + added} lines, '
+                    f"{tokens:,} tokens</a>")
+        rows.append(f'<tr><td><a href="{name}.html">{name}.py</a></td><td>{inline(adds)}</td>'
+                    f'<td class="num">{inline(parameters)}</td><td class="num">{inline(loss)}</td>'
+                    f"<td>{diff}</td></tr>")
+    body = ("<h1>LLM from scratch, one idea at a time</h1>\n<p>Each stage is one script, the one "
+            "before it plus one idea. Open a stage to read it whole, or the diff beside it to see "
+            "exactly what its idea changed.</p>\n<table><thead><tr><th>script</th>"
+            "<th>what it adds</th><th>parameters</th><th>val loss</th><th>diff from the one "
+            "before</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    return page("LLM from scratch, one idea at a time", body)
+
+
+def style():
+    from pygments.formatters import HtmlFormatter
+    light = HtmlFormatter(style="default").get_style_defs(".code")
+    dark = HtmlFormatter(style="github-dark").get_style_defs(".code")
+    return (Path(__file__).with_name("site.css").read_text() + "\n" + light
+            + "\n@media (prefers-color-scheme: dark) {\n" + dark + "\n}\n")
+
+
+def built_here(folder):
+    index = folder / "index.html"
+    return index.is_file() and f'content="{GENERATOR}"' in index.read_text(errors="replace")
+
+
+def build(out):
+    """The site, written into the folder out (made, or emptied of a site built before)."""
+    out = Path(out)
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not built_here(out)):
+        raise UserError(f"--out {out} holds something other than a site built by {GENERATOR}; "
+                        "name a new folder")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    names = stages()
+    sources = {name: (ROOT / f"{name}.py").read_text(encoding="utf-8") for name in names}
+    lines = {name: (lines_of(source), highlighted(source)) for name, source in sources.items()}
+    intros = {name: prose(ast.get_docstring(ast.parse(source)) or "")
+              for name, source in sources.items()}
+    pairs = list(itertools.pairwise(names))
+    sizes = {}
+    for before, after in pairs:
+        matcher = difflib.SequenceMatcher(None, lines[before][0], lines[after][0], autojunk=False)
+        opcodes = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+        sizes[before, after] = (sum(i2 - i1 for _, i1, i2, _, _ in opcodes),
+                                sum(j2 - j1 for *_, j1, j2 in opcodes),
+                                changed_tokens(sources[before], sources[after]))
+    (out / "style.css").write_text(style())
+    (out / "index.html").write_text(index_page(names, stage_table(), sizes))
+    for k, name in enumerate(names):
+        previous = names[k - 1] if k else None
+        following = names[k + 1] if k + 1 < len(names) else None
+        (out / f"{name}.html").write_text(stage_page(name, previous, following, intros[name],
+                                                     lines[name][1]))
+    for k, pair in enumerate(pairs):
+        neighbours = (pairs[k - 1] if k else None, pairs[k + 1] if k + 1 < len(pairs) else None)
+        rows = diff_rows(lines[pair[0]], lines[pair[1]])
+        (out / f"{pair[0]}-{pair[1]}.html").write_text(
+            pair_page(pair, neighbours, sizes[pair], intros[pair[1]], rows))
+    return out
+
+
+def main(argv=None):
+    description = __doc__.split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog="python -m shared.site", description=description)
+    parser.add_argument("--out", default="site", help="the folder to write (default: site)")
+    args = parser.parse_args(argv)
+    out = build(args.out)
+    print(f"{len(list(out.glob('*.html')))} pages written to {out}; open {out / 'index.html'}")
+
+
+if __name__ == "__main__":
+    run(main, prog="python -m shared.site")

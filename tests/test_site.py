@@ -1,0 +1,153 @@
+"""The side-by-side site (python -m shared.site): built from the scripts, each diff page holding
+exactly difflib's diff of its two files, and every page opened in a real headless Chromium."""
+import difflib
+import io
+import itertools
+import os
+import re
+import shutil
+from html.parser import HTMLParser
+
+import matplotlib.image
+import pytest
+
+from conftest import ALL_STAGES, ROOT, stage_error
+from shared import site
+
+PAIRS = list(itertools.pairwise(ALL_STAGES))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return site.build(tmp_path_factory.mktemp("site") / "site")
+
+
+def changed_lines(pair):
+    """difflib's changed lines of the pair's files: those removed, those added."""
+    old, new = (site.lines_of((ROOT / f"{name}.py").read_text()) for name in pair)
+    matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+    opcodes = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+    return ([line for _, i1, i2, _, _ in opcodes for line in old[i1:i2]],
+            [line for *_, j1, j2 in opcodes for line in new[j1:j2]])
+
+
+class Cells(HTMLParser):
+    """The text of each <code class=...> of a page, by its class."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells, self.open = {}, None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "code" and dict(attrs).get("class") in ("del", "add", "same"):
+            self.open = dict(attrs)["class"]
+            self.cells.setdefault(self.open, []).append("")
+
+    def handle_endtag(self, tag):
+        if tag == "code":
+            self.open = None
+
+    def handle_data(self, data):
+        if self.open:
+            self.cells[self.open][-1] += data
+
+
+def test_each_diff_page_holds_both_sides_of_every_changed_line_and_the_sizes(built):
+    for pair in PAIRS:
+        text = (built / f"{pair[0]}-{pair[1]}.html").read_text()
+        cells = Cells()
+        cells.feed(text)
+        removed, added = changed_lines(pair)
+        assert cells.cells.get("del", []) == removed and cells.cells.get("add", []) == added
+        assert (f"{len(removed) + len(added)} lines changed ({len(removed)} removed, "
+                f"{len(added)} added), ") in text
+    # in the budget's measure (one small pair: the measure takes a while on the large ones)
+    tokens = site.changed_tokens(*((ROOT / f"{name}.py").read_text() for name in PAIRS[1]))
+    assert f"{tokens:,} tokens by the budget's measure" in (built / "-".join(PAIRS[1])).with_suffix(
+        ".html").read_text()
+
+
+def test_a_stage_page_is_its_whole_script_and_the_index_links_every_page(built):
+    for name in ALL_STAGES:
+        cells = Cells()
+        cells.feed((built / f"{name}.html").read_text())
+        assert cells.cells["same"] == site.lines_of((ROOT / f"{name}.py").read_text())
+    index = (built / "index.html").read_text()
+    links = set(re.findall(r'href="([^"#]+\.html)"', index))
+    assert links == {f"{name}.html" for name in ALL_STAGES} | {f"{a}-{b}.html" for a, b in PAIRS}
+    # the README's measured numbers, not numbers of its own
+    assert "611,584" in index and "1.5745" in index
+
+
+def test_a_folder_of_something_else_is_not_replaced(built, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "index.html").write_text("<p>my own page</p>")
+    message = stage_error(capsys, site.main, "--out", str(tmp_path))
+    assert "holds something other than a site" in message and (tmp_path / "notes.txt").exists()
+    # what a build wrote is known as such, and a new build replaces it
+    assert site.built_here(built) and not site.built_here(tmp_path)
+
+
+def browser():
+    """Chromium, headless, through its WebDriver; in CI it must be there (.ci/run installs it),
+    elsewhere the test says why it did not run."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CI"):
+            pytest.fail("CI needs chromium and chromedriver (apt-get install chromium "
+                        "chromium-driver)")
+        pytest.skip("no chromium and chromedriver here (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    os.environ["SE_OFFLINE"] = "true"  # nothing to download: the driver is given
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(driver))
+
+
+def errors(driver):
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def not_blank(png):
+    return matplotlib.image.imread(io.BytesIO(png), format="png").std() > 0.05
+
+
+def test_every_page_opens_in_chromium_without_errors_and_folds_unfold(built):
+    driver = browser()
+    try:
+        for page in sorted(built.glob("*.html")):
+            driver.get(page.as_uri())
+            assert errors(driver) == [], page.name
+            # the stylesheet is there (without it the page has no background of its own)
+            assert driver.execute_script(
+                "return getComputedStyle(document.body).backgroundColor") != "rgba(0, 0, 0, 0)"
+            pair = tuple(page.stem.split("-"))
+            if pair in PAIRS:
+                # both sides of every changed line, in the page the browser built
+                shown = driver.execute_script(
+                    "return ['del', 'add'].map(kind => [...document.querySelectorAll("
+                    "'code.' + kind)].map(cell => cell.textContent))")
+                assert tuple(shown) == changed_lines(pair), pair
+        pair = PAIRS[-1]
+        driver.get((built / f"{pair[0]}-{pair[1]}.html").as_uri())
+        fold = driver.find_element("css selector", "details.fold")
+        hidden = fold.find_element("css selector", "div.row code")
+        assert not hidden.is_displayed()
+        fold.find_element("css selector", "summary").click()
+        assert hidden.is_displayed()
+        assert not_blank(driver.get_screenshot_as_png())
+        # a link to a folded line unfolds it
+        line = driver.execute_script(
+            "return document.querySelector('details.fold:not([open]) a.ln').id")
+        driver.get((built / f"{pair[0]}-{pair[1]}.html").as_uri() + f"#{line}")
+        assert driver.find_element("id", line).is_displayed()
+        # on a phone's width, one side above the other, and still readable
+        driver.set_window_size(400, 800)
+        assert not_blank(driver.get_screenshot_as_png())
+        assert errors(driver) == []
+    finally:
+        driver.quit()
