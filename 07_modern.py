@@ -32,17 +32,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shared import UserError, atomic_write, hellaswag, report
 from shared.cli import checked, given, nonempty, parse_args, run
-from shared.data import (
-    HuggingFaceTokenizer,
-    characters_per_token,
-    check_token_ids,
-    get_batch,
-    load_dataset,
-    pretrained_context,
-    pretrained_model,
-    tokenizer_from_identity,
-)
+from shared.data import characters_per_token, check_token_ids, get_batch, load_dataset
 from shared.device import all_reduce, build_model, check_memory, select_device, setup_distributed
+from shared.hub import pretrained_context, pretrained_model
+from shared.tokenizer import HuggingFaceTokenizer, tokenizer_from_identity
 
 # the stage's name, in what it writes (in a notebook there is no file name to read)
 STAGE = "07_modern"

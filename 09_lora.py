@@ -38,21 +38,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shared import UserError, atomic_write, hellaswag, report
 from shared.cli import checked, given, nonempty, parse_args, run
-from shared.data import (
-    HuggingFaceChat,
-    HuggingFaceTokenizer,
-    characters_per_token,
-    check_token_ids,
-    export_pretrained,
-    load_conversations,
-    load_dataset,
-    pretrained_context,
-    pretrained_model,
-    tokenizer_from_identity,
-    weights_digest,
-)
+from shared.conversations import HuggingFaceChat, load_conversations
+from shared.data import characters_per_token, check_token_ids, load_dataset
 from shared.data import get_batch as text_batch
 from shared.device import all_reduce, build_model, check_memory, select_device, setup_distributed
+from shared.hub import export_pretrained, pretrained_context, pretrained_model, weights_digest
+from shared.tokenizer import HuggingFaceTokenizer, tokenizer_from_identity
 
 # the stage's name, in what it writes (in a notebook there is no file name to read)
 STAGE = "09_lora"

@@ -1,9 +1,13 @@
-"""What every stage script needs and none of them teaches: the data and tokenizers (data), the
-command line (cli), the device and its memory (device), metrics and pictures (report).
+"""What every stage script needs and none of them teaches: the text and its batches (data), the
+tokenizers (tokenizer), conversations and chat templates (conversations), token shards of a large
+corpus (shards, written by prepare), Hugging Face loading and export (hub), the command line
+(cli), the device and its memory (device), HellaSwag (hellaswag), metrics and pictures (report),
+and the side-by-side site (site).
 
 The models, their training loops and their samplers live in the numbered scripts, repeated on
 purpose so that each one reads on its own and diffs cleanly against the one before.
 """
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -60,3 +64,12 @@ def process_exists(pid):
     except PermissionError:  # there, but another user's
         return True
     return True
+
+
+def sha256(path):
+    """The file's SHA-256, read a block at a time: a shard of any size takes no memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(2**24):
+            digest.update(block)
+    return digest.hexdigest()

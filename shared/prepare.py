@@ -34,14 +34,9 @@ import numpy as np
 
 from shared import UserError, atomic_write
 from shared.cli import run
-from shared.data import (
-    PREPARED_META,
-    CharTokenizer,
-    make_tokenizer,
-    read_file,
-    shard_dtype,
-    tokenizer_from_identity,
-)
+from shared.data import read_file
+from shared.shards import PREPARED_META, shard_dtype
+from shared.tokenizer import CharTokenizer, make_tokenizer, tokenizer_from_identity
 
 # the share of the tokens at the end of the stream that validation takes, as for a text file
 VAL_SHARE = 0.1

@@ -225,7 +225,7 @@ def measure_stops(folder, name="08_chat", conversations=50, new_tokens=500):
     their turn within new_tokens; one reply each, sampled at temperature 1 from a fixed seed."""
     import torch
 
-    from shared.data import load_conversations
+    from shared.conversations import load_conversations
     chat = stage(name)
     _, val = load_conversations()
     args = types.SimpleNamespace(init_from=None, out=folder, block_size=64, dropout=0.0)
@@ -278,7 +278,8 @@ def qwen3_folder(folder):
     import torch
     import transformers
 
-    from shared.data import load_conversations, read_text
+    from shared.conversations import load_conversations
+    from shared.data import read_text
     from test_chat import chat_tokenizer
     torch.manual_seed(0)
     transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3_0_6B)).save_pretrained(folder)

@@ -15,7 +15,8 @@ import pytest  # noqa: E402 (after the thread count, which torch reads when impo
 import torch  # noqa: E402
 
 from shared.cli import run
-from shared.data import CharTokenizer, read_text
+from shared.data import read_text
+from shared.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["01_bigram", "02_single_head", "03_multi_head", "04_block"]  # built by build_model below

@@ -15,7 +15,8 @@ from torch.nn import functional as F
 
 from conftest import ROOT, build_model, load_stage, quick_flags, stage_error
 from shared import UserError
-from shared.data import CharTokenizer, HuggingFaceChat, HuggingFaceTokenizer
+from shared.conversations import HuggingFaceChat
+from shared.tokenizer import CharTokenizer, HuggingFaceTokenizer
 
 chat = load_stage("08_chat")
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from shared import UserError, data
-from shared.data import CharTokenizer, get_batch, load_dataset, read_text
+from shared.conversations import dialogue, read_conversations, shakespeare_conversations
+from shared.data import get_batch, load_dataset, read_text
+from shared.tokenizer import CharTokenizer, make_tokenizer
 
 
 def test_tiny_shakespeare_is_verified(shakespeare):
@@ -129,7 +131,7 @@ def test_a_killed_downloads_leftover_is_removed_by_the_next_one(local_copy, tmp_
 def test_a_typo_of_a_tokenizer_name_is_answered_at_once(typo, meant):
     """Not taken for a Hugging Face hub name, whose look-up waits on the network."""
     with pytest.raises(UserError, match=f"--tokenizer {typo}: .* did you mean {meant}\\?"):
-        data.make_tokenizer(typo, "some text")
+        make_tokenizer(typo, "some text")
 
 
 def jsonl(tmp_path, *lines):
@@ -145,7 +147,7 @@ REPLY = ('{"messages": [{"role": "system", "content": "Be brief."}, '
 
 def test_conversations_are_read_and_those_without_a_reply_are_counted(tmp_path):
     no_reply = '{"messages": [{"role": "user", "content": "Anyone there?"}]}'
-    conversations, skipped = data.read_conversations(jsonl(tmp_path, REPLY, "", no_reply, REPLY))
+    conversations, skipped = read_conversations(jsonl(tmp_path, REPLY, "", no_reply, REPLY))
     assert skipped == 1
     assert conversations == [[{"role": "system", "content": "Be brief."},
                               {"role": "user", "content": "Who art thou?"},
@@ -166,20 +168,20 @@ def test_a_line_that_is_not_a_conversation_gets_one_sentence_with_its_number(tmp
                                                                               problem):
     path = jsonl(tmp_path, REPLY, line)
     with pytest.raises(UserError) as error:
-        data.read_conversations(path)
+        read_conversations(path)
     assert str(error.value) == f"--data {path}, {problem}"
 
 
 def test_a_file_with_nothing_to_learn_from_is_refused(tmp_path):
     path = jsonl(tmp_path, '{"messages": [{"role": "user", "content": "Anyone there?"}]}')
     with pytest.raises(UserError, match="no conversation with an assistant turn"):
-        data.read_conversations(path)
+        read_conversations(path)
 
 
 def test_the_plays_dialogue_becomes_conversations_between_two_speakers():
     play = ("ANNE:\nHello.\n\nBEN:\nHi.\n\nANNE:\nHow now?\nWhat news?\n\nBEN:\nWell.\n\n"
             "CLEO:\nWho comes?\n\nANNE:\nA friend.\n\nDION:\nStay.\n\n")
-    assert data.dialogue(play) == [
+    assert dialogue(play) == [
         [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."},
          {"role": "user", "content": "How now?\nWhat news?"},
          {"role": "assistant", "content": "Well."}],
@@ -188,7 +190,7 @@ def test_the_plays_dialogue_becomes_conversations_between_two_speakers():
 
 def test_shakespeares_train_and_val_conversations_come_from_their_own_side_of_the_split(
         shakespeare):
-    train, val = data.shakespeare_conversations(shakespeare)
+    train, val = shakespeare_conversations(shakespeare)
     assert (len(train), len(val)) == (1562, 241)
     split = int(0.9 * len(shakespeare))
     for conversations, text in [(train, shakespeare[:split]), (val, shakespeare[split:])]:

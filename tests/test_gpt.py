@@ -243,7 +243,7 @@ def test_cached_logits_match_a_full_forward_pass():
 # --------------------------------------------------------------------- tokenizers, the command line
 
 def test_tiktoken_round_trip_on_tiny_shakespeare(shakespeare):
-    from shared.data import TiktokenTokenizer
+    from shared.tokenizer import TiktokenTokenizer
     tokenizer = TiktokenTokenizer("gpt2")
     ids = tokenizer.encode(shakespeare)
     assert tokenizer.vocab_size == 50_257 and len(ids) == 338_025

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from conftest import CHAT_STAGES, GPT_STAGES, load_stage, quick_flags, stage_error
 from shared import UserError, hellaswag
-from shared.data import CharTokenizer, TiktokenTokenizer
+from shared.tokenizer import CharTokenizer, TiktokenTokenizer
 
 pytest.importorskip("transformers")
 gpt = load_stage("06_train_for_real")

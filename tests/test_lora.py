@@ -14,7 +14,7 @@ import transformers
 
 from conftest import build_model, load_stage, quick_flags, stage_error
 from shared import device
-from shared.data import weights_digest
+from shared.hub import weights_digest
 from test_chat import chat_tokenizer, short_chats
 
 lora = load_stage("09_lora")

@@ -11,7 +11,8 @@ import torch
 from conftest import CHAT_STAGES, ROOT, load_stage, quick_flags, stage_error
 from shared import UserError, prepare
 from shared.cli import run
-from shared.data import TiktokenTokenizer, get_batch, load_dataset
+from shared.data import get_batch, load_dataset
+from shared.tokenizer import TiktokenTokenizer
 
 SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
 modern = load_stage("07_modern")

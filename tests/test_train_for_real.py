@@ -252,7 +252,7 @@ WRITER = textwrap.dedent("""
     import importlib, sys, types
     import torch
     gpt = importlib.import_module("06_train_for_real")
-    from shared.data import CharTokenizer
+    from shared.tokenizer import CharTokenizer
     model = gpt.GPT(gpt.GPTConfig(block_size=64, vocab_size=65, n_layer=8, n_head=8, n_embd=512))
     optimizer = gpt.configure_optimizer(model, types.SimpleNamespace(weight_decay=0.1, lr=1e-3))
     tokenizer = CharTokenizer("abc")
