@@ -1,6 +1,5 @@
 # %% [markdown]
-"""06_train_for_real.py: training GPT-2 for real: checkpoints, exact resume, signals, torchrun,
-GPT-2's weights.
+"""06_train_for_real.py: checkpoints, exact resume, signals, torchrun, GPT-2's weights, HellaSwag.
 
 New here, all engineering and no math (with the same flags it prints exactly stage 05's losses):
 a checkpoint in --out DIR at every evaluation, written atomically, loaded with weights_only=True,

@@ -1,6 +1,5 @@
 # %% [markdown]
-"""07_modern.py: from GPT-2 to the architecture of today's open models, and loading one (Llama,
-Qwen3).
+"""07_modern.py: today's open models: RoPE, RMSNorm, SwiGLU, GQA, QK-norm, Muon, Llama and Qwen3.
 
 New here, in the model, its optimizer and its weights only: rotary positions (RoPE), relative, so
 the KV cache slides with the window, never recomputed; RMSNorm; a SwiGLU MLP; grouped-query

@@ -1,6 +1,5 @@
 # %% [markdown]
-"""08_chat.py: from a language model to an assistant: supervised fine-tuning on conversations,
-and a chat in the terminal.
+"""08_chat.py: from a language model to an assistant: fine-tuning on conversations, and a chat.
 
 New here, in the data, the loss and the sampling only: a chat template (reserved tokens that name
 who speaks and end each turn, new rows of the embedding and the head; or a Hugging Face model's own

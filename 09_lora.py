@@ -1,6 +1,5 @@
 # %% [markdown]
-"""09_lora.py: fine-tune what your machine can't fully train: LoRA, low-rank adapters, merged
-into the weights and handed on to the ecosystem.
+"""09_lora.py: LoRA: fine-tune what your machine can't fully train, then merge and export it.
 
 New here, in fine-tuning only: each weight matrix W of the blocks stays frozen, and beside it two
 thin matrices train, B (out x r) and A (r x in): the layer computes W x + (alpha / r) B A x (Hu et
