@@ -13,6 +13,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+# the project's folder: the stage scripts, data/, docs/
+ROOT = Path(__file__).resolve().parent.parent
+
 
 class UserError(Exception):
     """A problem with the user's input or machine, told as one sentence instead of a traceback."""
