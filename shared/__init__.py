@@ -2,19 +2,38 @@
 tokenizers (tokenizer), conversations and chat templates (conversations), token shards of a large
 corpus (shards, written by prepare), Hugging Face loading and export (hub), the command line
 (cli), the device and its memory (device), HellaSwag (hellaswag), metrics and pictures (report),
-and the side-by-side site (site).
+and the side-by-side site (site). Here: the stages and their descriptions, and what the modules
+share (UserError, atomic_write, sha256).
 
 The models, their training loops and their samplers live in the numbered scripts, repeated on
 purpose so that each one reads on its own and diffs cleanly against the one before.
 """
+import ast
 import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+# the repository: the stage scripts are at its top
+ROOT = Path(__file__).resolve().parent.parent
+
 # the project's folder: the stage scripts, data/, docs/
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def stages():
+    """The numbered stage scripts' names, in order: 01_bigram, 02_single_head, ..."""
+    return sorted(path.stem for path in ROOT.glob("[0-9][0-9]_*.py"))
+
+
+def description(stage):
+    """What the stage adds, in one line: the first line of its docstring after "NN_name.py: ",
+    without the full stop. Read from the file, not imported (which would import torch). The
+    README's table of the stages, the site and the report all show this line."""
+    source = (ROOT / f"{stage}.py").read_text(encoding="utf-8")
+    first = (ast.get_docstring(ast.parse(source)) or "").split("\n")[0]
+    return first.removeprefix(f"{stage}.py: ").removesuffix(".")
 
 
 class UserError(Exception):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from shared import UserError, atomic_write
+from shared import UserError, atomic_write, description, stages
 from shared.cli import Parser, in_notebook, run
 from shared.device import machine
 
@@ -31,18 +31,6 @@ METRICS_FIELDS = {
     "val_loss": "the last evaluation's val loss",
     "val_bpc": "the last val loss in bits per character, comparable across tokenizers",
 }
-
-# The one idea each stage adds, for the report's table.
-CONCEPTS = {
-    "01_bigram": "a table of next-character scores",
-    "02_single_head": "one causal self-attention head, position embeddings",
-    "03_multi_head": "several heads side by side",
-    "04_block": "MLP, residual connections, LayerNorm, stacked blocks",
-    "05_gpt": "GPT-2: its architecture, training recipe and samplers",
-    "06_train_for_real": "checkpoints, exact resume, signals, torchrun, GPT-2's weights",
-    "07_modern": "RoPE, RMSNorm, SwiGLU, GQA, QK-norm, Muon; Llama and Qwen3 weights",
-}
-
 
 def pyplot():
     import matplotlib
@@ -227,12 +215,14 @@ def minutes_seconds(seconds):
 
 
 def table(runs):
-    """The runs as a Markdown table, one row each, named by the run's folder."""
-    lines = ["| run | stage | concept added | settings that differ | parameters | val loss "
+    """The runs as a Markdown table, one row each, named by the run's folder, with what its stage
+    adds (the first line of the stage's docstring)."""
+    adds = {stage: description(stage) for stage in stages()}
+    lines = ["| run | stage | what it adds | settings that differ | parameters | val loss "
              "| bits/char | wall time | machine |",
              "|---|---|---|---|---:|---:|---:|---:|---|"]
     for m, differing in zip(runs, differences(runs), strict=True):
-        lines.append(f"| {m['run']} | {m['stage']} | {CONCEPTS.get(m['stage'], '')} | "
+        lines.append(f"| {m['run']} | {m['stage']} | {adds.get(m['stage'], '')} | "
                      f"{differing} | {m['parameters']:,} | {m['val_loss']:.4f} | "
                      f"{m['val_bpc']:.3f} | {minutes_seconds(m['history'][-1]['seconds'])} | "
                      f"{m['machine']} |")

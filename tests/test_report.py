@@ -22,7 +22,7 @@ from conftest import (
     load_stage,
     stage_error,
 )
-from shared import report
+from shared import description, report
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,8 @@ def test_report_has_a_row_per_run_and_a_figure(runs, tmp_path):
     rows = (root / "report.md").read_text().splitlines()[2:]
     assert [row.split("|")[1].strip() for row in rows] == ALL_STAGES  # runs named by their folders
     assert [row.split("|")[2].strip() for row in rows] == ALL_STAGES
+    # what each stage adds, as its docstring's first line says
+    assert [row.split("|")[3].strip() for row in rows] == [description(s) for s in ALL_STAGES]
     assert all(len(row.split("|")) == 11 for row in rows)  # 9 columns
     # one run per stage: nothing to compare
     assert all(row.split("|")[4].strip() == "" for row in rows)
