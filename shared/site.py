@@ -3,9 +3,11 @@ side, as a static site of plain HTML and CSS (highlighted by Pygments) that open
 or from GitHub Pages.
 
     python -m shared.site --out site    # then open site/index.html
+    python -m shared.site --diff-table  # the README's table of the diffs' sizes
 
 The diffs are difflib's, over the lines of the two files; their sizes are counted as the diff
-test counts them (changed_tokens, the budget's measure).
+test counts them (changed_tokens, the budget's measure). A stage's page, and the diff that leads
+to it, also show its notes, docs/<stage>.md, rendered by markdown-it-py.
 """
 import argparse
 import ast
@@ -18,10 +20,9 @@ import shutil
 import tokenize
 from pathlib import Path
 
-from shared import UserError
+from shared import ROOT, UserError, description, stages
 from shared.cli import run
 
-ROOT = Path(__file__).resolve().parent.parent
 # in every page, so that a folder can be told to be a site built before, and rebuilt
 GENERATOR = "python -m shared.site"
 # unchanged lines shown either side of a change; a longer unchanged stretch is folded
@@ -57,7 +58,7 @@ def changed(before, after):
 
 
 def changed_tokens(before, after):
-    """The budget's measure of the diff between two scripts (tests/test_cli.py holds each pair of
+    """The budget's measure of the diff between two scripts (tests/test_diffs.py holds each pair of
     stages to its budget): tokens removed plus tokens added, by their words."""
     return changed(words(before), words(after))
 
@@ -66,25 +67,109 @@ def lines_of(source):
     return source.split("\n")[:-1] if source.endswith("\n") else source.split("\n")
 
 
+def diff_sizes(sources):
+    """{(before, after): (lines removed, lines added, tokens changed)} for each pair of consecutive
+    stages, given their sources by name: difflib's changed lines, as a diff page shows them, and
+    the budget's measure."""
+    sizes = {}
+    for before, after in itertools.pairwise(sources):
+        old, new = lines_of(sources[before]), lines_of(sources[after])
+        matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+        opcodes = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+        sizes[before, after] = (sum(i2 - i1 for _, i1, i2, _, _ in opcodes),
+                                sum(j2 - j1 for *_, j1, j2 in opcodes),
+                                changed_tokens(sources[before], sources[after]))
+    return sizes
+
+
+def diff_table(sizes):
+    """The README's table of the diffs' sizes, without its budgets (tests/test_diffs.py's)."""
+    rows = ["| diff | lines | tokens |", "|---|---:|---:|"]
+    for (before, after), (removed, added, tokens) in sizes.items():
+        rows.append(f"| {before[:2]} → {after[:2]} | {removed + added} | {tokens:,} |")
+    return "\n".join(rows)
+
+
+def read_sources():
+    """Every stage's script, by its name, in order."""
+    return {name: (ROOT / f"{name}.py").read_text(encoding="utf-8") for name in stages()}
+
+
+# ------------------------------------------------------------------------- a stage's notes
+
+def slug(text):
+    """A heading's anchor as GitHub makes it, so that a link to #a-heading works there and here:
+    lower case, punctuation out, a hyphen for each space."""
+    return re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+
+
+def heading_slugs(markdown):
+    """The anchor of every heading of a Markdown text, in order."""
+    tokens = markdown_parser().parse(markdown)
+    return [slug(plain(tokens[k + 1])) for k, token in enumerate(tokens)
+            if token.type == "heading_open"]
+
+
+def plain(inline):
+    """An inline token's text without its markup."""
+    return "".join(child.content for child in inline.children
+                   if child.type in ("text", "code_inline"))
+
+
+def markdown_parser():
+    from markdown_it import MarkdownIt
+    # CommonMark and GitHub's tables; no raw HTML
+    return MarkdownIt("commonmark", {"html": False}).enable("table")
+
+
+# where a link in docs/ goes on the site: another stage's notes or script is its page, the README
+# the index
+SITE_LINKS = [(r"(?:\.\./docs/|)(\d\d_\w+)\.md(#.*)?", r"\1.html\2"),
+              (r"\.\./(\d\d_\w+)\.py", r"\1.html"),
+              (r"\.\./README\.md(#.*)?", "index.html"),
+              (r"\.\./assets/(.+)", r"assets/\1")]
+
+
+def site_link(href):
+    for pattern, replacement in SITE_LINKS:
+        if re.fullmatch(pattern, href):
+            return re.sub(pattern, replacement, href)
+    return href
+
+
+def notes(name):
+    """docs/<name>.md as HTML for the site ("" if the stage has none): its headings one level
+    down, under the page's own title, each with GitHub's anchor; its links made the site's."""
+    path = ROOT / "docs" / f"{name}.md"
+    if not path.is_file():
+        return ""
+    parser = markdown_parser()
+    tokens = parser.parse(path.read_text(encoding="utf-8"))
+    for k, token in enumerate(tokens):
+        if token.type in ("heading_open", "heading_close"):
+            token.tag = f"h{min(int(token.tag[1]) + 1, 6)}"
+        if token.type == "heading_open":
+            token.attrSet("id", slug(plain(tokens[k + 1])))
+        for child in token.children or []:
+            if child.type == "link_open":
+                child.attrSet("href", site_link(child.attrGet("href")))
+            elif child.type == "image":
+                child.attrSet("src", site_link(child.attrGet("src")))
+    return parser.renderer.render(tokens, parser.options, {})
+
+
+def notes_section(name, open_=True):
+    html_ = notes(name)
+    if not html_:
+        return ""
+    return (f'<details class="notes"{" open" if open_ else ""}><summary>Notes on {name}.py '
+            f"(docs/{name}.md)</summary>\n{html_}</details>\n")
+
+
 # ---------------------------------------------------------------------------------- the pages
 
-def stages():
-    return sorted(path.stem for path in ROOT.glob("[0-9][0-9]_*.py"))
-
-
-def stage_table():
-    """The README's table of the stages, {stage: (what it adds, parameters, val loss)}."""
-    rows = {}
-    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        script = re.fullmatch(r"`(\d\d_\w+)\.py`", cells[0])
-        if script and len(cells) >= 4:
-            rows[script.group(1)] = cells[1:4]
-    return rows
-
-
 def inline(text):
-    """A line of the README's markdown as HTML: escaped, its `code` in <code>."""
+    """A line of text as HTML: escaped, its `code` in <code>."""
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
 
 
@@ -201,7 +286,7 @@ def stage_page(name, previous, following, intro, source_html):
     rows = "".join(f'<div class="row whole">{side("same", number("L", n), code)}</div>'
                    for n, code in enumerate(source_html, 1))
     body = (f"{nav(links)}\n<h1>{name}.py</h1>\n<section class=\"intro\">{intro}</section>\n"
-            f'<div class="code whole">{rows}</div>')
+            f'{notes_section(name)}<div class="code whole">{rows}</div>')
     return page(f"{name}.py", body)
 
 
@@ -218,30 +303,28 @@ def pair_page(pair, neighbours, size, intro, rows):
     body = (f"{nav(links)}\n<h1>{before}.py → {after}.py</h1>\n"
             f'<p class="size">{removed + added} lines changed ({removed} removed, {added} added), '
             f"{tokens:,} tokens by the budget's measure</p>\n"
-            f'<section class="intro">{intro}</section>\n'
+            f'<section class="intro">{intro}</section>\n{notes_section(after, open_=False)}'
             f'<div class="code diff"><div class="row titles"><span></span>'
             f'<a href="{before}.html">{before}.py</a><span></span>'
             f'<a href="{after}.html">{after}.py</a></div>{"".join(rows)}</div>')
     return page(f"{before}.py → {after}.py", body)
 
 
-def index_page(names, table, sizes):
+def index_page(names, sizes):
     rows = []
     for k, name in enumerate(names):
-        adds, parameters, loss = table.get(name, ("", "", ""))
         diff = ""
         if k:
             removed, added, tokens = sizes[names[k - 1], name]
             diff = (f'<a href="{names[k - 1]}-{name}.html">{removed + added} lines, '
                     f"{tokens:,} tokens</a>")
-        rows.append(f'<tr><td><a href="{name}.html">{name}.py</a></td><td>{inline(adds)}</td>'
-                    f'<td class="num">{inline(parameters)}</td><td class="num">{inline(loss)}</td>'
-                    f"<td>{diff}</td></tr>")
+        rows.append(f'<tr><td><a href="{name}.html">{name}.py</a></td>'
+                    f"<td>{inline(description(name))}</td><td>{diff}</td></tr>")
     body = ("<h1>LLM from scratch, one idea at a time</h1>\n<p>Each stage is one script, the one "
-            "before it plus one idea. Open a stage to read it whole, or the diff beside it to see "
-            "exactly what its idea changed.</p>\n<table><thead><tr><th>script</th>"
-            "<th>what it adds</th><th>parameters</th><th>val loss</th><th>diff from the one "
-            "before</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+            "before it plus one idea. Open a stage to read it whole, with its notes, or the diff "
+            "beside it to see exactly what its idea changed.</p>\n<table><thead><tr>"
+            "<th>script</th><th>what it adds</th><th>diff from the one before</th></tr></thead>"
+            "<tbody>" + "".join(rows) + "</tbody></table>")
     return page("LLM from scratch, one idea at a time", body)
 
 
@@ -267,20 +350,16 @@ def build(out):
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     names = stages()
-    sources = {name: (ROOT / f"{name}.py").read_text(encoding="utf-8") for name in names}
+    sources = read_sources()
     lines = {name: (lines_of(source), highlighted(source)) for name, source in sources.items()}
     intros = {name: prose(ast.get_docstring(ast.parse(source)) or "")
               for name, source in sources.items()}
     pairs = list(itertools.pairwise(names))
-    sizes = {}
-    for before, after in pairs:
-        matcher = difflib.SequenceMatcher(None, lines[before][0], lines[after][0], autojunk=False)
-        opcodes = [op for op in matcher.get_opcodes() if op[0] != "equal"]
-        sizes[before, after] = (sum(i2 - i1 for _, i1, i2, _, _ in opcodes),
-                                sum(j2 - j1 for *_, j1, j2 in opcodes),
-                                changed_tokens(sources[before], sources[after]))
+    sizes = diff_sizes(sources)
+    if (ROOT / "assets").is_dir():  # the pictures the notes show
+        shutil.copytree(ROOT / "assets", out / "assets")
     (out / "style.css").write_text(style())
-    (out / "index.html").write_text(index_page(names, stage_table(), sizes))
+    (out / "index.html").write_text(index_page(names, sizes))
     for k, name in enumerate(names):
         previous = names[k - 1] if k else None
         following = names[k + 1] if k + 1 < len(names) else None
@@ -298,7 +377,13 @@ def main(argv=None):
     description = __doc__.split("\n\n")[0]
     parser = argparse.ArgumentParser(prog="python -m shared.site", description=description)
     parser.add_argument("--out", default="site", help="the folder to write (default: site)")
+    parser.add_argument("--diff-table", action="store_true",
+                        help="only print the Markdown table of the diffs' sizes (lines and tokens) "
+                             "that the README holds")
     args = parser.parse_args(argv)
+    if args.diff_table:
+        print(diff_table(diff_sizes(read_sources())))
+        return
     out = build(args.out)
     print(f"{len(list(out.glob('*.html')))} pages written to {out}; open {out / 'index.html'}")
 

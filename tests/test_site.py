@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 
 from conftest import ALL_STAGES, ROOT, stage_error
-from shared import site
+from shared import description, site
 
 PAIRS = list(itertools.pairwise(ALL_STAGES))
 
@@ -75,8 +75,36 @@ def test_a_stage_page_is_its_whole_script_and_the_index_links_every_page(built):
     index = (built / "index.html").read_text()
     links = set(re.findall(r'href="([^"#]+\.html)"', index))
     assert links == {f"{name}.html" for name in ALL_STAGES} | {f"{a}-{b}.html" for a, b in PAIRS}
-    # the README's measured numbers, not numbers of its own
-    assert "611,584" in index and "1.5745" in index
+    # what each stage adds: the first line of its docstring
+    assert all(site.inline(description(name)) in index for name in ALL_STAGES)
+
+
+def test_a_stage_page_shows_its_notes_and_every_link_of_the_site_leads_somewhere(built):
+    """docs/<stage>.md on the stage's page (open) and on the diff that leads to it (folded), its
+    headings under the page's title; each link to a page of the site, a picture or an anchor
+    finds it there."""
+    for name in ALL_STAGES:
+        page = (built / f"{name}.html").read_text()
+        if not (ROOT / "docs" / f"{name}.md").exists():
+            assert 'class="notes"' not in page
+            continue
+        assert f'<details class="notes" open><summary>Notes on {name}.py' in page
+        assert f'<h2 id="stage-{name[:2]}-' in page and page.count("<h1>") == 1
+        previous = ALL_STAGES[ALL_STAGES.index(name) - 1]
+        assert '<details class="notes"><summary>' in (built / f"{previous}-{name}.html").read_text()
+    notes = (built / "07_modern.html").read_text()
+    assert '<td>zeros: every block starts as the identity</td>' in notes  # a table
+    assert 'href="06_train_for_real.html#training-on-a-corpus-of-any-size"' in notes
+    ids = {page.name: set(re.findall(r' id="([^"]+)"', page.read_text()))
+           for page in built.glob("*.html")}
+    for page in built.glob("*.html"):
+        for target in re.findall(r' (?:href|src)="([^"]+)"', page.read_text()):
+            if target.startswith("https:"):
+                continue
+            path, _, anchor = target.partition("#")
+            assert (built / (path or page.name)).is_file(), f"{page.name}: {target}"
+            if anchor:
+                assert anchor in ids[path or page.name], f"{page.name}: {target}"
 
 
 def test_a_folder_of_something_else_is_not_replaced(built, tmp_path, capsys):
