@@ -15,9 +15,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-# the repository: the stage scripts are at its top
-ROOT = Path(__file__).resolve().parent.parent
-
 # the project's folder: the stage scripts, data/, docs/
 ROOT = Path(__file__).resolve().parent.parent
 
