@@ -5,8 +5,9 @@ or from GitHub Pages.
     python -m shared.site --out site    # then open site/index.html
     python -m shared.site --diff-table  # the README's table of the diffs' sizes
 
-The diffs are difflib's, over the lines of the two files; their sizes are counted as the diff
-test counts them (changed_tokens, the budget's measure). A stage's page, and the diff that leads
+The diffs are difflib's, over the lines of the two files, and within a changed pair of lines over
+their words, which are marked; their sizes are counted as the diff test counts them
+(changed_tokens, the budget's measure). A stage's page, and the diff that leads
 to it, also show its notes, docs/<stage>.md, rendered by markdown-it-py.
 """
 import argparse
@@ -188,14 +189,70 @@ def prose(docstring):
 
 
 def highlighted(source):
-    """Each line of a script as highlighted HTML (Pygments closes its spans at every line end)."""
-    from pygments import highlight
-    from pygments.formatters import HtmlFormatter
+    """Each line of a script as its highlighted pieces, [(Pygments' CSS class, text), ...]."""
     from pygments.lexers import PythonLexer
-    lexer = PythonLexer(stripnl=False, ensurenl=True)
-    out = lines_of(highlight(source, lexer, HtmlFormatter(nowrap=True)))
-    assert len(out) == len(lines_of(source)), "Pygments changed the number of lines"
-    return out
+    from pygments.token import STANDARD_TYPES
+    lines = [[]]
+    for kind, text in PythonLexer(stripnl=False, ensurenl=True).get_tokens(source):
+        while kind not in STANDARD_TYPES:  # a kind of token is styled as its parent
+            kind = kind.parent
+        for k, part in enumerate(text.split("\n")):
+            if k:
+                lines.append([])
+            if part:
+                lines[-1].append((STANDARD_TYPES[kind], part))
+    lines.pop()  # after the last newline
+    assert len(lines) == len(lines_of(source)), "Pygments changed the number of lines"
+    return lines
+
+
+def render(pieces, marked=()):
+    """A line's highlighted pieces as HTML. Each run of characters without a space is kept whole
+    (class run, where it holds more than letters, digits and _), so that a line wraps at its
+    spaces only, never inside 8e-3 or self.lm_head(x). The
+    characters in the ranges marked, [(start, end), ...], are marked as changed (class changed)."""
+    edges = sorted({i for span in marked for i in span})
+    fragments, position = [], 0  # (classes, text), each text all spaces or none
+    for kind, text in pieces:
+        cuts = [i - position for i in edges if position < i < position + len(text)]
+        for a, b in itertools.pairwise([0, *cuts, len(text)]):
+            changed = any(start <= position < end for start, end in marked)
+            classes = " ".join(c for c in (kind, "changed" if changed else "") if c)
+            fragments += [(classes, part) for part in re.split(r"(\s+)", text[a:b]) if part]
+            position += b - a
+    out = []
+    for space, group in itertools.groupby(fragments, key=lambda fragment: fragment[1].isspace()):
+        inner = []
+        # spaces need no colour, only a mark
+        group = [("changed" if "changed" in c else "", t) if space else (c, t) for c, t in group]
+        for classes, same in itertools.groupby(group, key=lambda fragment: fragment[0]):
+            text = html.escape("".join(t for _, t in same), quote=False)
+            inner.append(f'<span class="{classes}">{text}</span>' if classes else text)
+        # letters, digits and _ alone never break; a run with anything else is kept whole
+        whole = space or not re.search(r"\W", "".join(t for _, t in group))
+        out.append("".join(inner) if whole else f'<span class="run">{"".join(inner)}</span>')
+    return "".join(out)
+
+
+def changed_ranges(old, new):
+    """The characters that differ between two lines, by difflib over their words (and the spaces
+    and punctuation between them): ([(start, end), ...] of old, the same of new). Nothing is marked
+    when the lines have less than half their words in common: then they are two different lines,
+    not one line changed."""
+    a, b = re.findall(r"\w+|\s+|[^\w\s]", old), re.findall(r"\w+|\s+|[^\w\s]", new)
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    if matcher.ratio() < 0.5:
+        return [], []
+    starts_a = [0, *itertools.accumulate(map(len, a))]
+    starts_b = [0, *itertools.accumulate(map(len, b))]
+    ranges = ([], [])
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op != "equal":
+            if i2 > i1:
+                ranges[0].append((starts_a[i1], starts_a[i2]))
+            if j2 > j1:
+                ranges[1].append((starts_b[j1], starts_b[j2]))
+    return ranges
 
 
 def page(title, body, up=""):
@@ -245,16 +302,17 @@ EMPTY = '<span class="ln"></span><code class="empty"></code>'
 
 def diff_rows(before, after):
     """The rows of the side-by-side diff of two scripts (lists of lines, and of their highlighted
-    HTML): changed lines on both sides, paired; unchanged stretches longer than twice CONTEXT
-    folded into a <details> that unfolds."""
-    (old, old_html), (new, new_html) = before, after
+    pieces): changed lines on both sides, paired, the words that changed within a pair marked;
+    unchanged stretches longer than twice CONTEXT folded into a <details> that unfolds."""
+    (old, old_pieces), (new, new_pieces) = before, after
     matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
     out = []
     opcodes = matcher.get_opcodes()
     for index, (op, i1, i2, j1, j2) in enumerate(opcodes):
         if op == "equal":
-            rows = [f'<div class="row same">{side("same", number("L", i + 1), old_html[i])}'
-                    f'{side("same", number("R", j + 1), new_html[j])}</div>'
+            rows = [f'<div class="row same">'
+                    f'{side("same", number("L", i + 1), render(old_pieces[i]))}'
+                    f'{side("same", number("R", j + 1), render(new_pieces[j]))}</div>'
                     for i, j in zip(range(i1, i2), range(j1, j2), strict=True)]
             # context after the change before, and before the change after
             head = CONTEXT if index > 0 else 0
@@ -271,20 +329,23 @@ def diff_rows(before, after):
             continue
         for k in range(max(i2 - i1, j2 - j1)):
             i, j = i1 + k, j1 + k
-            left = side("del", number("L", i + 1), old_html[i]) if i < i2 else EMPTY
-            right = side("add", number("R", j + 1), new_html[j]) if j < j2 else EMPTY
+            marks = changed_ranges(old[i], new[j]) if i < i2 and j < j2 else ([], [])
+            left = (side("del", number("L", i + 1), render(old_pieces[i], marks[0]))
+                    if i < i2 else EMPTY)
+            right = (side("add", number("R", j + 1), render(new_pieces[j], marks[1]))
+                     if j < j2 else EMPTY)
             out.append(f'<div class="row changed">{left}{right}</div>')
     return out
 
 
-def stage_page(name, previous, following, intro, source_html):
+def stage_page(name, previous, following, intro, source_pieces):
     links = ['<a href="index.html">all stages</a>']
     if previous:
         links.append(f'<a href="{previous}-{name}.html">diff from {previous}</a>')
     if following:
         links.append(f'<a href="{name}-{following}.html">diff to {following}</a>')
-    rows = "".join(f'<div class="row whole">{side("same", number("L", n), code)}</div>'
-                   for n, code in enumerate(source_html, 1))
+    rows = "".join(f'<div class="row whole">{side("same", number("L", n), render(pieces))}</div>'
+                   for n, pieces in enumerate(source_pieces, 1))
     body = (f"{nav(links)}\n<h1>{name}.py</h1>\n<section class=\"intro\">{intro}</section>\n"
             f'{notes_section(name)}<div class="code whole">{rows}</div>')
     return page(f"{name}.py", body)
@@ -319,16 +380,18 @@ def index_page(names, sizes):
             diff = (f'<a href="{names[k - 1]}-{name}.html">{removed + added} lines, '
                     f"{tokens:,} tokens</a>")
         rows.append(f'<tr><td><a href="{name}.html">{name}.py</a></td>'
-                    f"<td>{inline(description(name))}</td><td>{diff}</td></tr>")
+                    f'<td>{inline(description(name))}</td><td class="diff">{diff}</td></tr>')
     body = ("<h1>LLM from scratch, one idea at a time</h1>\n<p>Each stage is one script, the one "
             "before it plus one idea. Open a stage to read it whole, with its notes, or the diff "
-            "beside it to see exactly what its idea changed.</p>\n<table><thead><tr>"
-            "<th>script</th><th>what it adds</th><th>diff from the one before</th></tr></thead>"
-            "<tbody>" + "".join(rows) + "</tbody></table>")
+            "beside it to see exactly what its idea changed.</p>\n"
+            '<table class="stages"><thead><tr><th>script</th><th>what it adds</th>'
+            "<th>diff from the one before</th></tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table>")
     return page("LLM from scratch, one idea at a time", body)
 
 
 def style():
+    """site.css, then Pygments' colours for its classes, light and dark."""
     from pygments.formatters import HtmlFormatter
     light = HtmlFormatter(style="default").get_style_defs(".code")
     dark = HtmlFormatter(style="github-dark").get_style_defs(".code")

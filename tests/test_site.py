@@ -107,6 +107,22 @@ def test_a_stage_page_shows_its_notes_and_every_link_of_the_site_leads_somewhere
                 assert anchor in ids[path or page.name], f"{page.name}: {target}"
 
 
+def test_a_line_wraps_at_its_spaces_and_a_changed_pair_marks_its_changed_words():
+    line = 'lr=8e-3, name="x-y"  # a comment'
+    rendered = site.render(site.highlighted(line + "\n")[0])
+    runs = [re.sub(r"<[^>]+>", "", run) for run in re.findall(
+        r'<span class="run">((?:<span[^>]*>[^<]*</span>|[^<])*)</span>', rendered)]
+    assert runs == ["lr=8e-3,", 'name="x-y"', "#"]  # each kept whole; "a", "comment" can't break
+    assert re.sub(r"<[^>]+>", "", rendered) == line
+    # line 9 of stages 01 and 02 differ in their numbers
+    old, new = "in 5 s, 2.49 after", "in 9 s, 2.37 after"
+    assert site.changed_ranges(old, new) == ([(3, 4), (10, 12)], [(3, 4), (10, 12)])
+    marked = site.render(site.highlighted(old + "\n")[0], [(3, 4), (10, 12)])
+    assert re.findall(r'class="[^"]*changed[^"]*">([^<]*)<', marked) == ["5", "49"]
+    # two different lines are not one line changed: nothing marked
+    assert site.changed_ranges("import math", "    return x.mean()") == ([], [])
+
+
 def test_a_folder_of_something_else_is_not_replaced(built, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "index.html").write_text("<p>my own page</p>")
@@ -173,8 +189,32 @@ def test_every_page_opens_in_chromium_without_errors_and_folds_unfold(built):
             "return document.querySelector('details.fold:not([open]) a.ln').id")
         driver.get((built / f"{pair[0]}-{pair[1]}.html").as_uri() + f"#{line}")
         assert driver.find_element("id", line).is_displayed()
-        # on a phone's width, one side above the other, and still readable
-        driver.set_window_size(400, 800)
+        # a changed pair of lines marks the words that differ: line 9 of 01 -> 02, "5 s", "9 s"
+        driver.get((built / f"{PAIRS[0][0]}-{PAIRS[0][1]}.html").as_uri())
+        marks = driver.execute_script(
+            "const row = document.getElementById('L9').parentElement;"
+            "return ['del', 'add'].map(kind => [...row.querySelectorAll("
+            "'code.' + kind + ' .changed')].map(mark => mark.textContent))")
+        assert "5" in marks[0] and "9" in marks[1], marks
+        # on a laptop's width and on a phone's: no token split over two lines (a line wraps at its
+        # spaces), and no page wider than the window (the index, the stages, the diffs)
+        for width in (1400, 400):
+            driver.set_window_size(width, 800)
+            driver.get((built / "04_block-05_gpt.html").as_uri())
+            split = driver.execute_script(
+                "return [...document.querySelectorAll('.row code span')].filter(span => "
+                "!/\\s/.test(span.textContent) && new Set([...span.getClientRects()].map("
+                "rect => Math.round(rect.top))).size > 1).map(span => span.textContent)")
+            assert split == [], (width, split[:5])
+            for page in sorted(built.glob("*.html")):
+                driver.get(page.as_uri())
+                assert driver.execute_script(
+                    "return document.documentElement.scrollWidth <= window.innerWidth"), (
+                    width, page.name)
+        # on a phone's width, one side above the other, and still readable; the index a list
+        assert not_blank(driver.get_screenshot_as_png())
+        driver.get((built / "index.html").as_uri())
+        assert driver.find_element("css selector", ".stages td:nth-child(2)").is_displayed()
         assert not_blank(driver.get_screenshot_as_png())
         assert errors(driver) == []
     finally:
