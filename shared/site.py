@@ -410,8 +410,6 @@ def build(out):
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not built_here(out)):
         raise UserError(f"--out {out} holds something other than a site built by {GENERATOR}; "
                         "name a new folder")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
     names = stages()
     sources = read_sources()
     lines = {name: (lines_of(source), highlighted(source)) for name, source in sources.items()}
@@ -419,10 +417,14 @@ def build(out):
               for name, source in sources.items()}
     pairs = list(itertools.pairwise(names))
     sizes = diff_sizes(sources)
+    index = index_page(names, sizes)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    # the index first: it tells a later build that the folder is a site, even one left half built
+    (out / "index.html").write_text(index)
+    (out / "style.css").write_text(style())
     if (ROOT / "assets").is_dir():  # the pictures the notes show
         shutil.copytree(ROOT / "assets", out / "assets")
-    (out / "style.css").write_text(style())
-    (out / "index.html").write_text(index_page(names, sizes))
     for k, name in enumerate(names):
         previous = names[k - 1] if k else None
         following = names[k + 1] if k + 1 < len(names) else None
