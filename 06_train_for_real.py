@@ -413,9 +413,9 @@ class StopOnSignal:
 
 def train(model, optimizer, train_data, val_data, args, device, chars_per_token, benchmark,
           step, history, on_checkpoint):
-    """AdamW on random batches, with loss estimates (and bits per character, which compares
-    tokenizers) every eval_interval steps and a progress line at least every few seconds, from
-    `step` on; on_checkpoint(step, history) saves the state after every evaluation and when a
+    """The optimizer's steps on random batches, with loss estimates (and bits per character, which
+    compares tokenizers) every eval_interval steps and a progress line at least every few seconds,
+    from `step` on; on_checkpoint(step, history) saves the state after every evaluation and when a
     signal stops training, and says where. Returns the history, the speed and that signal."""
     splits = {"train": train_data, "val": val_data}
     raw_model = model.module if isinstance(model, DDP) else model  # evaluation needs no syncing

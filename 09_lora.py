@@ -7,22 +7,26 @@ al. 2021). A weight costs 16 bytes to train with AdamW, 4 to keep: training few,
 of Qwen3-0.6B's shape took 5.2 GB and 2.1 s here, not 10.3 GB and 19.3 s. Adapters go on every
 projection (peft's default for Llama and Qwen3: q_proj and v_proj only), trained by Muon (AdamW
 learned less here); a chat template's new tokens train their rows. A checkpoint holds the
-adapters and its base's digest; --merge folds them in: a checkpoint of stage 08 and, of a Hugging
-Face model, a save_pretrained folder. --lora-rank 0 is stage 08.
+adapters and its base's digest; --merge folds them in: a model alone, which stage 08 reads too,
+and of a Hugging Face model a save_pretrained folder. --lora-rank 0 is stage 08.
+
+The adapters go on the model stage 08 fine-tunes in full: --init-from a run of stage 07 or 08
+(by default stage 07's default run, runs/07_modern, made first if it is not there) or a Llama or
+Qwen3 model.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
-Expect: stage 07's run (val loss 1.5745 at step 420), then 80 steps of fine-tuning on Tiny
-Shakespeare's dialogue: val loss on the replies 2.41 -> 1.48 (stage 08: 1.71); of 50 replies to
-val conversations, 2 ended their turn within 500 tokens before, 50 after; 52 s in all on a 2-core
-CPU, where stage 08 took 58 s. Checkpoint in runs/09_lora/. Then talk to it:
+Expect: 80 steps of LoRA on stage 07's model, on Tiny Shakespeare's dialogue: val loss on the
+replies MEASURE (stage 08: MEASURE); of 50 replies to val conversations, MEASURE ended their turn
+within 500 tokens before, MEASURE after; MEASURE s on a 2-core CPU, where stage 08 took MEASURE s.
+Checkpoint in runs/09_lora/. Then talk to it:
     python 09_lora.py --chat
 """
 # %%
-import argparse
 import gc
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -35,17 +39,19 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shared import UserError, atomic_write, hellaswag, report
-from shared.cli import checked, given, nonempty, parse_args, run
+from shared import ROOT, UserError, atomic_write, report
+from shared.cli import checked, nonempty, parse_args, run
 from shared.conversations import HuggingFaceChat, load_conversations
-from shared.data import characters_per_token, check_token_ids, load_dataset
-from shared.data import get_batch as text_batch
-from shared.device import all_reduce, build_model, check_memory, select_device, setup_distributed
+from shared.data import characters_per_token, check_token_ids
+from shared.device import all_reduce, check_memory, select_device, setup_distributed
 from shared.hub import export_pretrained, pretrained_context, pretrained_model, weights_digest
 from shared.tokenizer import HuggingFaceTokenizer, tokenizer_from_identity
 
 # the stage's name, in what it writes (in a notebook there is no file name to read)
 STAGE = "09_lora"
+# without --init-from, fine-tuning starts from the default run of stage 07, made first if missing
+BASE_SCRIPT = "07_modern.py"
+BASE = "runs/07_modern"
 
 
 # %% Hyperparameters: the flags' defaults (batch_size is --batch-size); edit them in a notebook
@@ -70,55 +76,16 @@ class GPTConfig:
     dropout: float = 0.0
 
 
-# Model shapes. vocab_size is set by the tokenizer at training time.
-PRESETS = {
-    "cpu": GPTConfig(block_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=128, qk_norm=True,
-                     tie_embeddings=False),
-    "shakespeare": GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
-    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
-    # GPT-2 124M again, with build-nanogpt's recipe for 10B tokens of FineWeb-Edu (see the README)
-    "gpt2-10b": GPTConfig(n_layer=12, n_head=12, n_embd=768),
-}
-
-# Training recipes: one of its own for the cpu and the gpt2-10b presets, `gpu` (the lecture's)
-# for the others, `finetune` for pretrained weights (--init-from): a small learning rate, so that
-# it adapts, not forgets.
-# Pretraining takes its preset's, as stage 07 does; fine-tuning a model of ours takes `chat`.
+# Fine-tuning recipes: `chat` for a model of ours, `finetune` for a Hugging Face model: a small
+# learning rate, so that it adapts, not forgets.
 RECIPES = {
-    "cpu": dict(batch_size=64, max_iters=420, eval_interval=210, eval_iters=20, lr=8e-3,
-                warmup_iters=30, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
-    "gpu": dict(batch_size=64, max_iters=5000, eval_interval=250, eval_iters=200, lr=1e-3,
-                warmup_iters=100, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
-    # 64 x 1,024 tokens on each of 8 GPUs: 524,288 a step, and 19,073 steps make 10B tokens; on
-    # one GPU, --grad-accum-steps 8 makes the same step
-    "gpt2-10b": dict(batch_size=64, max_iters=19073, eval_interval=250, eval_iters=20, lr=6e-4,
-                     warmup_iters=715, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
-    "finetune": dict(batch_size=8, max_iters=200, eval_interval=50, eval_iters=20, lr=3e-5,
-                     warmup_iters=10, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
     "chat": dict(batch_size=32, max_iters=80, eval_interval=20, eval_iters=8, lr=5e-4,
-                 warmup_iters=10, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1),
+                 warmup_iters=10, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1,
+                 dropout=0.0),
+    "finetune": dict(batch_size=8, max_iters=200, eval_interval=50, eval_iters=20, lr=3e-5,
+                     warmup_iters=10, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1,
+                     dropout=0.0),
 }
-
-
-def flag_defaults(preset, init_from=None, lora_rank=0):
-    """The defaults of the flags for a preset: the chat recipe and its model shape. Pretrained
-    weights bring their own shape, so with init_from only the context (to crop to) and dropout
-    remain, and a Hugging Face model takes the finetune recipe. Adapters, few and from zero, take
-    4x its learning rate (of 1x to 8x, 4x learned most here)."""
-    hugging_face = init_from and not stage_folder(init_from)
-    recipe = RECIPES["finetune" if hugging_face else "chat"]
-    if lora_rank:
-        recipe = {**recipe, "lr": 4 * recipe["lr"]}
-    if hugging_face:
-        return {**recipe, "block_size": 1024, "dropout": 0.0}
-    config = PRESETS[preset]
-    return {**recipe, "block_size": config.block_size,
-            "n_embd": config.n_embd, "n_head": config.n_head,
-            "n_kv_head": config.n_kv_head or config.n_head, "n_layer": config.n_layer,
-            "dropout": config.dropout}
 
 
 # %% The model
@@ -314,9 +281,9 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.block_size = config.block_size
         # add_lora's settings; None: every weight trains
         self.lora = None
-        self.block_size = config.block_size
         self.head_dim = config.head_dim or config.n_embd // config.n_head
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
         self.drop = nn.Dropout(config.dropout)
@@ -517,10 +484,6 @@ class ChatTemplate:
             learned.append(False)
         return ids, learned
 
-    def encode(self, text):
-        """The tokens of text alone, no marker: how a benchmark reads it."""
-        return self.tokenizer.encode(text)
-
     def decode(self, ids):
         """The text of ids, the markers left out."""
         return self.tokenizer.decode([i for i in ids if i < self.tokenizer.vocab_size])
@@ -568,11 +531,8 @@ def fine_tuning_data(args, template, train, val):
 
 
 def get_batch(data, batch_size, block_size, device, generator=None):
-    """Pretraining: random windows of a text (shared.data's get_batch). Fine-tuning: random
-    examples of fit's, data being their inputs and targets."""
-    # a text's tokens, in a tensor or in shards on disk; fine-tuning's examples are a tuple
-    if not isinstance(data, tuple):
-        return text_batch(data, batch_size, block_size, device, generator)
+    """batch_size random examples of fit's, data being their inputs and targets (block_size
+    tokens each already)."""
     inputs, targets = data
     ix = torch.randint(len(inputs), (batch_size,), generator=generator)
     return inputs[ix].to(device), targets[ix].to(device)
@@ -745,11 +705,11 @@ class StopOnSignal:
             signal.signal(signum, handler)
 
 
-def train(model, optimizer, train_data, val_data, args, device, chars_per_token, benchmark,
-          step, history, on_checkpoint):
-    """AdamW on random batches, with loss estimates (and bits per character, which compares
-    tokenizers) every eval_interval steps and a progress line at least every few seconds, from
-    `step` on; on_checkpoint(step, history) saves the state after every evaluation and when a
+def train(model, optimizer, train_data, val_data, args, device, chars_per_token, step, history,
+          on_checkpoint):
+    """The optimizer's steps on random batches, with loss estimates (and bits per character, which
+    compares tokenizers) every eval_interval steps and a progress line at least every few seconds,
+    from `step` on; on_checkpoint(step, history) saves the state after every evaluation and when a
     signal stops training, and says where. Returns the history, the speed and that signal."""
     splits = {"train": train_data, "val": val_data}
     raw_model = model.module if isinstance(model, DDP) else model  # evaluation needs no syncing
@@ -769,10 +729,6 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
                 eval_start = time.time()
                 with autocast(args, device):
                     losses = estimate_loss(raw_model, splits, args, device)
-                    # --hellaswag: the benchmark's tokenized examples
-                    if benchmark:
-                        losses["hellaswag"] = hellaswag.evaluate(raw_model, benchmark,
-                                                                 args.batch_size, device)
                 check_finite(losses["val"], step)
                 eval_seconds += time.time() - eval_start
                 seconds = time.time() - start
@@ -781,7 +737,6 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
                                 "val_bpc": bpc})
                 print(f"step {step}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, val {bpc:.3f} bits/char"
-                      + hellaswag.summary(losses.get("hellaswag"))
                       + progress(step, args, last_line, eval_seconds, start_step), flush=True)
                 on_checkpoint(step, history)
                 last_line = (step, time.time(), eval_seconds)
@@ -834,17 +789,15 @@ def set_rng_state(states, rank, world_size):
         torch.cuda.set_rng_state(states[rank]["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, tokenizer, step, history, rng_states, stage=STAGE):
+def save_checkpoint(path, model, optimizer, tokenizer, step, history, rng_states):
     """Everything a run needs to go on where it stopped, as plain tensors, numbers and strings
     (so it loads with weights_only=True), written atomically: a crash mid-write leaves the
     previous checkpoint as it was."""
-    checkpoint = {"stage": stage, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    checkpoint = {"stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "config": asdict(model.config), "tokenizer": tokenizer.identity(), "step": step,
-                  "history": history, "rng_states": rng_states}
-    if stage == STAGE:
-        # with what finds and checks the base
-        checkpoint["lora"] = model.lora
+                  "history": history, "rng_states": rng_states, "lora": model.lora}
     if model.lora:
+        # the adapters and the new rows alone; lora says where the base is, and its digest
         checkpoint["model"] = adapter_state(model)
     try:
         with atomic_write(path) as f:
@@ -854,9 +807,23 @@ def save_checkpoint(path, model, optimizer, tokenizer, step, history, rng_states
                         "the previous one, if any, is intact") from None
 
 
-def read_checkpoint(path, stages=(STAGE,)):
-    """A checkpoint of this stage (or of one of stages), loaded with weights_only=True: only
-    tensors and plain data are rebuilt, so code hidden in a crafted file never runs."""
+def save_merged(path, model, tokenizer):
+    """A model alone, its adapters folded in, with its config and tokenizer: what --merge writes,
+    for this stage or stage 08 to fine-tune or talk to (not to resume), written atomically."""
+    checkpoint = {"stage": STAGE, "model": model.state_dict(), "config": asdict(model.config),
+                  "tokenizer": tokenizer.identity()}
+    try:
+        with atomic_write(path) as f:
+            torch.save(checkpoint, f)
+    except OSError as err:
+        raise UserError(f"could not write the merged model {path} "
+                        f"({err.strerror or err})") from None
+
+
+def read_checkpoint(path, model_only=False):
+    """A checkpoint of this stage, loaded with weights_only=True: only tensors and plain data are
+    rebuilt, so code hidden in a crafted file never runs. With model_only, the model that a run
+    of any stage saved, or a merged one alone: something to fine-tune or talk to, not to resume."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; train one first with --out {path.parent}")
@@ -865,15 +832,19 @@ def read_checkpoint(path, stages=(STAGE,)):
     except Exception as err:
         raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
                         "it may be truncated or from elsewhere") from None
-    keys = {"stage", "model", "optimizer", "config", "tokenizer", "step", "history", "rng_states"}
+    keys = {"stage", "model", "optimizer", "config", "tokenizer", "step", "history", "rng_states",
+            "lora"}
     stage = checkpoint.get("stage") if isinstance(checkpoint, dict) else None
-    if stage == STAGE:
-        keys.add("lora")
-    if isinstance(stage, str) and stage not in stages:
-        raise UserError(f"{path} is a checkpoint of {stage}.py, not of "
-                        f"{' or '.join(f'{s}.py' for s in stages)}; "
+    found = set(checkpoint) if isinstance(stage, str) else set()
+    if model_only:
+        # a model alone, as a merged one is, or with what its run needs to go on
+        fits = {"stage", "model", "config", "tokenizer"} <= found <= keys
+    else:
+        fits = stage == STAGE and found == keys
+    if isinstance(stage, str) and stage != STAGE and not fits:
+        raise UserError(f"{path} is a checkpoint of {stage}.py, not of {STAGE}.py; "
                         f"sample it with python {stage}.py --sample --out {path.parent}")
-    if stage not in stages or set(checkpoint) != keys:
+    if not fits:
         raise UserError(f"{path} is not a checkpoint written by this version of {STAGE}.py")
     return checkpoint
 
@@ -902,30 +873,32 @@ def check_resumable(checkpoint, args, path):
                             f"{getattr(args, name)}; resume with the flags it was trained with")
 
 
-def stage_folder(init_from):
-    """Whether --init-from is the --out folder of a run of stage 07, 08 or this stage."""
-    return (Path(init_from) / "ckpt.pt").is_file()
+def stage_folder(source):
+    """Whether source is the --out folder of a run of stage 07, 08 or this stage, or a Hugging
+    Face model's name or folder."""
+    return (Path(source) / "ckpt.pt").is_file()
 
 
-def chat_model(args, checkpoint=None):
-    """The model (on the CPU) and its chat template: the checkpoint's; else --init-from's (a
-    Hugging Face model, or a run of stage 07 or of this one); else the one in --out. A model of
-    ours grows rows for its template's tokens."""
-    if args.init_from and not checkpoint and not stage_folder(args.init_from):
-        model = GPT.from_pretrained(args.init_from, args.block_size, args.dropout)
-        return model, HuggingFaceChat(HuggingFaceTokenizer(args.init_from))
-    path = checkpoint_path(args)
-    if not checkpoint:
-        path = Path(args.init_from or args.out) / "ckpt.pt"
-        stages = ("07_modern", "08_chat", STAGE) if args.init_from else (STAGE,)
-        checkpoint = read_checkpoint(path, stages)
-        if checkpoint.get("lora") and args.init_from:
-            raise UserError(f"{path} holds adapters, not a model: fold them in with python "
-                            f"{STAGE}.py --merge --out {path.parent}, then --init-from "
-                            f"{path.parent / 'merged'}")
+def load_model(source, block_size=None, dropout=0.0, checkpoint=None):
+    """The model, on the CPU, and its chat template, from source: the --out folder of a run of
+    stage 07, 08 or this stage (its checkpoint, if already read; adapters come on their base), or
+    a Llama or Qwen3 model of Hugging Face's. Its context is block_size, or its own (a Hugging
+    Face model's up to 1,024 tokens: a step's memory grows with it). A model of ours grows rows
+    for its template's tokens."""
+    if not stage_folder(source):
+        context = block_size or min(pretrained_context(source), 1024)
+        model = GPT.from_pretrained(source, context, dropout)
+        return model, HuggingFaceChat(HuggingFaceTokenizer(source))
+    path = Path(source) / "ckpt.pt"
+    checkpoint = checkpoint or read_checkpoint(path, model_only=True)
     if checkpoint.get("lora"):
         return lora_model(checkpoint, path)
-    model = model_from_checkpoint(checkpoint, path)
+    config = checkpoint["config"]
+    if (block_size or 0) > config["block_size"]:
+        raise UserError(f"--block-size {block_size} is longer than {source}'s context of "
+                        f"{config['block_size']} tokens")
+    config = {**config, "block_size": block_size or config["block_size"], "dropout": dropout}
+    model = model_from_checkpoint({**checkpoint, "config": config}, path)
     tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
     if isinstance(tokenizer, HuggingFaceTokenizer):
         return model, HuggingFaceChat(tokenizer)
@@ -937,9 +910,7 @@ def lora_model(checkpoint, path):
     """The checkpoint's adapters on their base, checked to be the same, and its chat template."""
     lora = checkpoint["lora"]
     config = checkpoint["config"]
-    base = argparse.Namespace(init_from=lora["base"], block_size=config["block_size"],
-                              dropout=config["dropout"], out=lora["base"])
-    model, template = chat_model(base)
+    model, template = load_model(lora["base"], config["block_size"], config["dropout"])
     if weights_digest(model) != lora["base_digest"]:
         raise UserError(f"the adapters in {path} were trained on another {lora['base']}: "
                         "its weights have changed")
@@ -962,7 +933,7 @@ def lora_settings(args, model, template):
     targets = [name for name in TARGETS if name in args.lora_targets]
     return {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
             "lora_dropout": args.lora_dropout, "lora_targets": targets,
-            "first_new_row": first_new_row, "base": args.init_from,
+            "first_new_row": first_new_row, "base": args.init_from or BASE,
             "base_digest": weights_digest(model)}
 
 
@@ -1094,42 +1065,22 @@ def chat(model, template, args):
 def add_flags(parser):
     # unlike stages 01-05, always keep the checkpoint
     parser.set_defaults(out=f"runs/{STAGE}")
-    parser.add_argument("--preset", choices=PRESETS, help="model shape and recipe "
-                        "(default: cpu on a CPU, shakespeare on a GPU)")
     parser.add_argument("--init-from", type=nonempty("a model"), metavar="NAME|DIR",
-                        help="fine-tune the --out folder of a run of stage 07, or a Llama or "
-                        "Qwen3 model: a Hugging Face hub name or a save_pretrained folder (needs "
-                        "transformers); without it, a model is pretrained first")
-    parser.add_argument("--pretrain-iters", type=checked("pretrain_iters", int),
-                        help="steps of the pretraining without --init-from (default: stage 07's)")
-    parser.add_argument("--pretrain-data", metavar="FILE|DIR",
-                        help="pretrain on this text, or a folder of token shards written by "
-                        "python -m shared.prepare, instead of Tiny Shakespeare")
-    parser.add_argument("--lora-rank", type=checked("lora_rank", int), default=8, metavar="INT",
-                        help="the adapters' rank r; 0: every weight trains (stage 08)")
-    parser.add_argument("--lora-alpha", type=checked("lora_alpha", float), default=16.0,
-                        metavar="FLOAT", help="updates scaled by alpha / r")
-    parser.add_argument("--lora-targets", nargs="+", choices=TARGETS, default=TARGETS,
-                        metavar="NAME", help="a block's matrices that get adapters")
-    parser.add_argument("--lora-dropout", type=checked("lora_dropout", float), default=0.0,
-                        metavar="FLOAT", help="dropout on the adapters' input")
-    parser.add_argument("--merge", action="store_true",
-                        help="fold the adapters in --out into their weights, in --out/merged")
+                        help="fine-tune the --out folder of a run of stage 07 or of this stage, "
+                        "or a Llama or Qwen3 model: a Hugging Face hub name or a save_pretrained "
+                        f"folder (needs transformers) (default: {BASE}, made first if missing)")
+    parser.add_argument("--block-size", type=checked("block_size", int), metavar="INT",
+                        help="context length: the most tokens the model looks back over "
+                        "(default: the model's own, up to 1,024)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                         default="auto", help="autocast precision for training; "
                         "auto: bfloat16 where the hardware has it")
-    parser.add_argument("--tokenizer", help="char, a tiktoken encoding such as gpt2, or a Hugging "
-                        "Face tokenizer (default: char; with --init-from, the model's own)")
     parser.add_argument("--resume", action="store_true",
                         help="go on training from the checkpoint in --out")
     parser.add_argument("--overwrite", action="store_true",
                         help="let a new run replace the checkpoint already in --out")
     parser.add_argument("--sample", action="store_true",
                         help="only reply to --prompt, with the model in --out or --init-from")
-    parser.add_argument("--hellaswag", nargs="?", const="default", metavar="FILE",
-                        help="score HellaSwag at every evaluation, or with --sample instead of "
-                        "replying; FILE: examples in its format (default: its validation set, "
-                        "downloaded into data/)")
     parser.add_argument("--chat", action="store_true",
                         help="talk to the model in --out or --init-from")
     parser.add_argument("--prompt", type=nonempty("some text"),
@@ -1142,6 +1093,16 @@ def add_flags(parser):
                         help="sample from the k likeliest tokens")
     parser.add_argument("--top-p", type=checked("top_p", float),
                         help="sample from the nucleus of mass p")
+    parser.add_argument("--lora-rank", type=checked("lora_rank", int), default=8, metavar="INT",
+                        help="the adapters' rank r; 0: every weight trains (stage 08)")
+    parser.add_argument("--lora-alpha", type=checked("lora_alpha", float), default=16.0,
+                        metavar="FLOAT", help="updates scaled by alpha / r")
+    parser.add_argument("--lora-targets", nargs="+", choices=TARGETS, default=TARGETS,
+                        metavar="NAME", help="a block's matrices that get adapters")
+    parser.add_argument("--lora-dropout", type=checked("lora_dropout", float), default=0.0,
+                        metavar="FLOAT", help="dropout on the adapters' input")
+    parser.add_argument("--merge", action="store_true",
+                        help="fold the adapters in --out into their weights, in --out/merged")
 
 
 DATA_HELP = ("fine-tune on the conversations of this JSONL file, one a line as "
@@ -1149,20 +1110,17 @@ DATA_HELP = ("fine-tune on the conversations of this JSONL file, one a line as "
 
 
 def parse_flags(argv):
-    """The flags, over the defaults of the preset they name (or of the device's), and the preset."""
-    args = parse_args(argv, STAGE, __doc__, flag_defaults("cpu"), add_flags, has_attention=True,
+    """The flags, over the defaults of the recipe for the model they fine-tune: `chat` for a run
+    of ours, `finetune` for a Hugging Face model. Adapters, few and from zero, take 4x its
+    learning rate (of 1x to 8x, 4x learned most here)."""
+    args = parse_args(argv, STAGE, __doc__, RECIPES["chat"], add_flags, has_attention=True,
                       data_help=DATA_HELP)
-    preset = args.preset or ("cpu" if select_device(args.device).type == "cpu" else "shakespeare")
-    defaults = flag_defaults(preset, args.init_from, args.lora_rank)
-    args = parse_args(argv, STAGE, __doc__, defaults, add_flags, has_attention=True,
+    hugging_face = args.init_from and not stage_folder(args.init_from)
+    recipe = RECIPES["finetune" if hugging_face else "chat"]
+    if args.lora_rank:
+        recipe = {**recipe, "lr": 4 * recipe["lr"]}
+    return parse_args(argv, STAGE, __doc__, recipe, add_flags, has_attention=True,
                       data_help=DATA_HELP)
-    if args.init_from and not stage_folder(args.init_from) and not given(argv, "--block-size"):
-        # a Hugging Face model's own context, up to 1,024 tokens: a step's memory grows with it
-        args.block_size = min(pretrained_context(args.init_from), 1024)
-    if args.init_from and args.tokenizer not in (None, args.init_from):
-        raise UserError("a model's weights go with its own tokenizer: "
-                        "leave out --tokenizer with --init-from")
-    return args, preset
 
 
 def checkpoint_path(args):
@@ -1173,9 +1131,6 @@ def starting_checkpoint(args):
     """With --resume, the checkpoint to go on from, if it has steps left to train; for a new
     run None, once it is clear that no trained model will be replaced without --overwrite."""
     path = checkpoint_path(args)
-    if args.resume and not path.exists() and (Path(args.out) / "pretrained" / "ckpt.pt").exists():
-        # stopped while pretraining: pretrain goes on
-        return None
     if args.resume:
         checkpoint = read_checkpoint(path)
         step = checkpoint["step"]
@@ -1216,13 +1171,8 @@ def start_processes(args):
 def sample_only(args, device):
     """--sample: --num-samples replies to --prompt, a user's message; --chat: a conversation.
     With the model in --out, or of --init-from."""
-    model, template = chat_model(args)
+    model, template = load_model(args.init_from or args.out, args.block_size)
     model.eval().to(device)
-    if args.hellaswag:
-        benchmark = hellaswag.load(args.hellaswag, template, model.block_size)
-        scores = hellaswag.evaluate(model, benchmark, args.batch_size, device)
-        print(f"{args.init_from or checkpoint_path(args)}{hellaswag.summary(scores)}")
-        return
     if args.chat:
         chat(model, template, args)
         return
@@ -1238,7 +1188,8 @@ def sample_only(args, device):
 
 
 def merge_only(args):
-    """--merge: the model in --out, its adapters folded in, into --out/merged."""
+    """--merge: the model in --out, its adapters folded in, into --out/merged: a model alone and,
+    of a Hugging Face model, a save_pretrained folder."""
     path = checkpoint_path(args)
     checkpoint = read_checkpoint(path)
     if not checkpoint["lora"]:
@@ -1248,51 +1199,59 @@ def merge_only(args):
         raise UserError(f"{out} holds a merged model already; replace it with --overwrite")
     model, template = lora_model(checkpoint, path)
     merged = merge(model)
-    # with an optimizer that has not stepped yet
-    save_checkpoint(out / "ckpt.pt", merged, configure_optimizer(merged, args), template,
-                    checkpoint["step"], checkpoint["history"], checkpoint["rng_states"], "08_chat")
+    save_merged(out / "ckpt.pt", merged, template)
     if isinstance(template, HuggingFaceChat):
         weights = {hugging_face_name(name): p for name, p in merged.named_parameters()}
         export_pretrained(checkpoint["lora"]["base"], weights, template.tokenizer, out)
-    print(f"merged into {out}; talk to it with python 08_chat.py --chat --out {out}")
+    print(f"merged into {out}; talk to it with python {STAGE}.py --chat --out {out}")
 
 
-def load_text(args, checkpoint):
-    """The tokenizer and the train and val tokens: those the checkpoint was trained on when
-    resuming, checked against it."""
+def make_base():
+    """Stage 07's default run, into BASE, as a process of its own: the model that fine-tuning
+    starts from without --init-from, to the last bit the one python 07_modern.py makes."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError(f"{BASE} holds no model yet: make it first with python {BASE_SCRIPT}")
+    print(f"{BASE} holds no model yet: making it first with python {BASE_SCRIPT}", flush=True)
+    # a Ctrl-C reaches that process too, which saves its run and stops: wait for it
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        status = subprocess.run([sys.executable, str(ROOT / BASE_SCRIPT)]).returncode
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    if status:
+        raise UserError(f"python {BASE_SCRIPT} stopped before it finished (status {status}); "
+                        f"finish it with python {BASE_SCRIPT} --resume, then run this again")
+
+
+def make_model(args, checkpoint, device):
+    """The model to fine-tune, on the device, and its chat template: the checkpoint's when
+    resuming; else --init-from's, or without it stage 07's default run (made first if it is
+    missing). Checked first to fit in the device's memory."""
     if checkpoint:
         check_resumable(checkpoint, args, checkpoint_path(args))
-        args.tokenizer = checkpoint["tokenizer"].get("name", "char")
-    args.tokenizer = args.tokenizer or args.init_from or "char"
-    # --data is the conversations to fine-tune on
-    tokenizer, train_data, val_data = load_dataset(args.pretrain_data, args.block_size,
-                                                   args.tokenizer)
-    if checkpoint and tokenizer.identity() != checkpoint["tokenizer"]:
-        raise UserError(f"{checkpoint_path(args)} was trained on another text; "
-                        "resume with the same --pretrain-data")
-    return tokenizer, train_data, val_data
+        model, template = load_model(args.out, args.block_size, args.dropout, checkpoint)
+    else:
+        if not args.init_from and not stage_folder(BASE):
+            make_base()
+        model, template = load_model(args.init_from or BASE, args.block_size, args.dropout)
+        if model.lora:
+            raise UserError(f"{args.init_from} holds adapters, not a model: fold them in with "
+                            f"python {STAGE}.py --merge --out {args.init_from}, then --init-from "
+                            f"{Path(args.init_from) / 'merged'}")
+        if args.lora_rank:
+            add_lora(model, lora_settings(args, model, template))
+    # the context fine-tuning takes: the model's own, without --block-size
+    args.block_size = model.block_size
+    check_memory(model, args, device)
+    return model.to(device), template
 
 
-def make_model(args, preset, tokenizer, checkpoint, device):
-    """The model to pretrain on the device: the checkpoint's, or a new one of the preset's shape
-    with the flags' sizes; each checked first to fit in the device's memory."""
-    if checkpoint:
-        # weights already in memory, on the CPU
-        model = model_from_checkpoint(checkpoint, checkpoint_path(args))
-        check_memory(model, args, device)
-        return model.to(device)
-    config = replace(PRESETS[preset], vocab_size=tokenizer.vocab_size, block_size=args.block_size,
-                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                     n_kv_head=args.n_kv_head, dropout=args.dropout)
-    return build_model(lambda: GPT(config), args, device)
-
-
-def describe(model, tokenizer, args, device, preset):
+def describe(model, tokenizer, args, device):
     """Print what is trained, where, and on how many tokens a step; return the parameter count."""
     n_params = sum(p.numel() for p in model.parameters())
-    source = f"weights {args.init_from}" if args.init_from else f"preset {preset}"
     print(f"{n_params:,} parameters (every weight and bias; a tied head counted once), "
-          f"{tokenizer.vocab_size} tokens, on {device} in {args.dtype}; {source}")
+          f"{tokenizer.vocab_size} tokens, on {device} in {args.dtype}; weights "
+          f"{args.init_from or BASE}")
     if model.lora:
         trained = sum(t.numel() for t in adapter_state(model).values())
         print(f"{trained:,} of them trained ({trained / n_params:.2%}): the adapters of rank "
@@ -1306,13 +1265,9 @@ def describe(model, tokenizer, args, device, preset):
 def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, device, rank,
                      step, history):
     """train() in every process, DDP keeping their models the same, with checkpoints written by
-    rank 0. Returns what train() returns."""
-    # characters a token (1 for characters): of the val text, or of the val replies
-    tokens = val_data[1][val_data[1] >= 0] if isinstance(val_data, tuple) else val_data
-    chars_per_token = characters_per_token(tokenizer, tokens)
-    benchmark = None
-    if args.hellaswag:
-        benchmark = hellaswag.load(args.hellaswag, tokenizer, args.block_size)
+    rank 0; then the processes leave together. Returns what train() returns."""
+    # characters a token of the val replies (1 for characters)
+    chars_per_token = characters_per_token(tokenizer, val_data[1][val_data[1] >= 0])
 
     def on_checkpoint(step, history):
         # every process takes part
@@ -1324,19 +1279,15 @@ def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, de
 
     ddp_model = DDP(model) if args.world_size > 1 else model
     result = train(ddp_model, optimizer, train_data, val_data, args, device, chars_per_token,
-                   benchmark, step, history, on_checkpoint)
+                   step, history, on_checkpoint)
     del ddp_model
-    if args.world_size > 1:
+    if dist.is_initialized():
         # DDP keeps the process group in reference cycles: freed at exit instead, it can abort
         gc.collect()
-    return result
-
-
-def leave_together():
-    """The processes leave together: a process gone early can abort the others' teardown."""
-    if dist.is_initialized():
+        # leave together: a process gone early can abort the others' teardown
         dist.barrier()
         dist.destroy_process_group()
+    return result
 
 
 def print_samples(model, template, prompt, args, device, samplers):
@@ -1377,55 +1328,9 @@ def demo(model, template, conversations, args, device):
           f"--max-new-tokens {args.max_new_tokens}")
 
 
-def pretrain(args, preset, rank, device):
-    """Stage 07's run with its recipe, into --out/pretrained, --pretrain-iters steps long. Returns
-    the signal that stopped it, if one did."""
-    recipe = RECIPES.get(preset, RECIPES["gpu"])
-    args = argparse.Namespace(**{**vars(args), **recipe, "out": str(Path(args.out) / "pretrained")})
-    args.max_iters = args.pretrain_iters or args.max_iters
-    path = checkpoint_path(args)
-    args.resume = args.resume and path.exists()
-    if args.resume and read_checkpoint(path)["step"] >= args.max_iters:
-        # pretrained already, before the run stopped
-        return None
-    print(f"pretraining on {args.pretrain_data or 'Tiny Shakespeare'}, as stage 07 does, into "
-          f"{args.out}")
-    checkpoint = starting_checkpoint(args)
-    tokenizer, train_data, val_data = load_text(args, checkpoint)
-    model = make_model(args, preset, tokenizer, checkpoint, device)
-    _, stopped_by = train_model(model, tokenizer, train_data, val_data, args, checkpoint, rank,
-                                device, preset)
-    return stopped_by
-
-
-def train_model(model, tokenizer, train_data, val_data, args, checkpoint, rank, device, preset):
-    """Train from where the checkpoint stopped (or from the start) and write metrics.json.
-    Returns the history and the signal that stopped training, if one did."""
-    optimizer = configure_optimizer(model, args)
-    step, history = 0, []
-    if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, history = checkpoint["step"], checkpoint["history"]
-        set_rng_state(checkpoint["rng_states"], rank, args.world_size)
-        print(f"resuming from step {step} of {checkpoint_path(args)}")
-    n_params = describe(model, tokenizer, args, device, preset)
-
-    history, tokens_per_second, stopped_by = train_everywhere(
-        model, optimizer, tokenizer, train_data, val_data, args, device, rank, step, history)
-    if rank == 0 and history:
-        path = report.save_metrics(args.out, {
-            "stage": STAGE, "config": vars(args), "parameters": n_params,
-            "tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size,
-            "device": str(device), "history": history, "tokens_per_second": tokens_per_second,
-            "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
-            "val_bpc": history[-1]["val_bpc"]})
-        print(f"metrics written to {path}")
-    return history, stopped_by
-
-
 def main(argv=None):
-    args, preset = parse_flags(argv)
-    rank, _, device = start_processes(args)
+    args = parse_flags(argv)
+    rank, world_size, device = start_processes(args)
     if args.sample or args.chat:
         sample_only(args, device)
         return
@@ -1434,32 +1339,35 @@ def main(argv=None):
         return
 
     checkpoint = starting_checkpoint(args)
-    # read before pretraining, so that a bad line is found at once
+    # read first, so that a bad line is found before any model is loaded
     train_conversations, val_conversations = load_conversations(args.data)
-    if not (checkpoint or args.init_from):
-        # no model to fine-tune yet: pretrain one first, as stage 07 does
-        stopped_by = pretrain(args, preset, rank, device)
-        if stopped_by:
-            leave_together()
-            return stopped_by
-        args.init_from = str(Path(args.out) / "pretrained")
-    if checkpoint:
-        check_resumable(checkpoint, args, checkpoint_path(args))
-    model, template = chat_model(args, checkpoint)
-    if args.lora_rank and not checkpoint:
-        add_lora(model, lora_settings(args, model, template))
-    check_memory(model, args, device)
-    model.to(device)
+    model, template = make_model(args, checkpoint, device)
     train_data, val_data = fine_tuning_data(args, template, train_conversations,
                                             val_conversations)
     check_token_ids([train_data[0], val_data[0]], model.config.vocab_size,
                     args.init_from or checkpoint_path(args))
     print("fine-tuning on conversations: the loss is on the replies only")
-    history, stopped_by = train_model(model, template, train_data, val_data, args, checkpoint,
-                                      rank, device, preset)
-    leave_together()
+    optimizer = configure_optimizer(model, args)
+    step, history = 0, []
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, history = checkpoint["step"], checkpoint["history"]
+        set_rng_state(checkpoint["rng_states"], rank, world_size)
+        print(f"resuming from step {step} of {checkpoint_path(args)}")
+    n_params = describe(model, template, args, device)
+
+    history, tokens_per_second, stopped_by = train_everywhere(
+        model, optimizer, template, train_data, val_data, args, device, rank, step, history)
     if rank > 0:
         return
+    if history:
+        path = report.save_metrics(args.out, {
+            "stage": STAGE, "config": vars(args), "parameters": n_params,
+            "tokenizer": template.identity(), "vocab_size": template.vocab_size,
+            "device": str(device), "history": history, "tokens_per_second": tokens_per_second,
+            "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
+            "val_bpc": history[-1]["val_bpc"]})
+        print(f"metrics written to {path}")
     if stopped_by == signal.SIGTERM:
         # the job is being stopped: no demo; run() exits with status 143
         return stopped_by

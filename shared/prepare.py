@@ -21,7 +21,6 @@ holds: the tokenizer, each shard's tokens and SHA-256, and where validation begi
 of the tokens as for a text file. Running the same command again goes on after the last shard
 written: a Ctrl-C leaves only whole shards.
 """
-import argparse
 import glob
 import hashlib
 import json
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from shared import UserError, atomic_write
-from shared.cli import run
+from shared.cli import Parser, check_out, checked, run
 from shared.data import read_file
 from shared.shards import PREPARED_META, shard_dtype
 from shared.tokenizer import CharTokenizer, make_tokenizer, tokenizer_from_identity
@@ -244,8 +243,7 @@ def prepare(inputs, out, tokenizer_name="char", shard_tokens=100_000_000, worker
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m shared.prepare",
-                                     description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m shared.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="*", help="text files, folders or glob patterns")
     parser.add_argument("--dataset", metavar="NAME|DIR",
                         help="a Hugging Face dataset instead, streamed (needs datasets)")
@@ -258,15 +256,14 @@ def main(argv=None):
     parser.add_argument("--tokenizer", default="char",
                         help="char, a tiktoken encoding such as gpt2, or a Hugging Face tokenizer "
                         "(default: %(default)s)")
-    parser.add_argument("--shard-tokens", type=int, default=100_000_000,
+    parser.add_argument("--shard-tokens", type=checked("shard_tokens", int), default=100_000_000,
                         help="tokens a shard (default: 100,000,000)")
-    parser.add_argument("--workers", type=int, default=1,
+    parser.add_argument("--workers", type=checked("workers", int), default=1,
                         help="processes that tokenize (default: 1)")
     args = parser.parse_args(argv)
-    if args.shard_tokens < 1 or args.workers < 1:
-        parser.error("--shard-tokens and --workers must be 1 or more")
     if bool(args.inputs) == bool(args.dataset):
         parser.error("give text files, folders or patterns, or --dataset, and not both")
+    check_out(parser, args.out)
     dataset = None
     if args.dataset:
         dataset = {"name": args.dataset, "config": args.dataset_config, "split": args.split,

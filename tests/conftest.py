@@ -22,15 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["01_bigram", "02_single_head", "03_multi_head", "04_block"]  # built by build_model below
 GPT_STAGES = ["05_gpt", "06_train_for_real", "07_modern", "08_chat", "09_lora"]
 ALL_STAGES = STAGES + GPT_STAGES
-# the stages that fine-tune a model on conversations
+# the stages that fine-tune a trained model on conversations (post-training)
 CHAT_STAGES = ["08_chat", "09_lora"]
-# a few steps of any stage; the GPT stages at a small size instead of their cpu preset
+# a few steps of any stage
 QUICK = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2", "--max-new-tokens", "0",
          "--seed", "0"]
-SMALL_GPT = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4",
-             "--block-size", "16", "--warmup-iters", "2"]
-# the chat stages pretrain first, and need a context that Shakespeare's short exchanges fit in
-CHAT = ["--pretrain-iters", "6", "--block-size", "64"]
+# the GPT stages at a small batch, those that build their model at a small size too
+SMALL_BATCH = ["--batch-size", "4", "--warmup-iters", "2"]
+SMALL_GPT = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16"]
 
 
 # The files that take longest run first, so that none of them is left to run alone on one core
@@ -46,10 +45,13 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)
 
 
-def quick_flags(name, out=None):
-    """Flags for a quick run of stage name (writing into out, if given)."""
-    return [*QUICK, *(SMALL_GPT if name in GPT_STAGES else []),
-            *(CHAT if name in CHAT_STAGES else []),
+def quick_flags(name, out=None, base=None):
+    """Flags for a quick run of stage name (writing into out, if given); a chat stage fine-tunes
+    base, the folder of the base fixture."""
+    assert (base is not None) == (name in CHAT_STAGES), "the chat stages, and only they, need base"
+    return [*QUICK, *(SMALL_BATCH if name in GPT_STAGES else []),
+            *(SMALL_GPT if name in GPT_STAGES and name not in CHAT_STAGES else []),
+            *(["--init-from", str(base)] if base else []),
             *(["--out", str(out)] if out else [])]
 
 
@@ -107,14 +109,29 @@ def stage(request):
 
 
 @pytest.fixture(scope="session")
-def quick_runs(tmp_path_factory):
+def base(tmp_path_factory):
+    """The folder of a quick run of stage 07 with a context that Shakespeare's short exchanges fit
+    in: the trained model that the quick runs of the chat stages fine-tune."""
+    out = tmp_path_factory.mktemp("base")
+    with contextlib.redirect_stdout(io.StringIO()):
+        load_stage("07_modern").main([*quick_flags("07_modern", out), "--block-size", "64"])
+    return out
+
+
+def stage_base(name, base):
+    """base for a chat stage, None for the others: quick_flags' last argument."""
+    return base if name in CHAT_STAGES else None
+
+
+@pytest.fixture(scope="session")
+def quick_runs(tmp_path_factory, base):
     """Every stage trained for a few steps as its command line runs it, each once for all the
     tests that look at a run: --out, --plot-attention from 02 on, 40 new tokens. The folder of
     the runs (a folder a stage), and what each printed."""
     root = tmp_path_factory.mktemp("runs")
     printed = {}
     for name in ALL_STAGES:
-        flags = [*quick_flags(name, root / name), "--max-new-tokens", "40"]
+        flags = [*quick_flags(name, root / name, stage_base(name, base)), "--max-new-tokens", "40"]
         if name != "01_bigram":
             flags.append("--plot-attention")
         with contextlib.redirect_stdout(io.StringIO()) as stdout:

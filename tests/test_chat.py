@@ -2,18 +2,16 @@
 import contextlib
 import io
 import json
-import os
-import signal
+import shutil
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import ROOT, build_model, load_stage, quick_flags, stage_error
+from conftest import QUICK, ROOT, SMALL_BATCH, build_model, load_stage, quick_flags, stage_error
 from shared import UserError
 from shared.conversations import HuggingFaceChat
 from shared.tokenizer import CharTokenizer, HuggingFaceTokenizer
@@ -28,12 +26,12 @@ CONVERSATION = [{"role": "system", "content": "Be brief."},
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, base):
     """A quick run of the stage, as quick_runs makes it, for the tests that talk to it: its folder
     and what it printed."""
     out = tmp_path_factory.mktemp("chat")
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        chat.main([*quick_flags("08_chat", out), "--max-new-tokens", "40"])
+        chat.main([*quick_flags("08_chat", out, base), "--max-new-tokens", "40"])
     return out, printed.getvalue()
 
 
@@ -197,15 +195,40 @@ def test_chat_prints_whole_characters_and_a_ctrl_c_stops_only_the_reply(shakespe
     assert len(caches) == 3 and caches[2] is not caches[1]
 
 
-def test_fine_tune_the_out_folder_of_a_run_of_stage_07(tmp_path, capsys):
-    modern = load_stage("07_modern")
-    modern.main([*quick_flags("07_modern", tmp_path / "07"), "--block-size", "64"])
-    chat.main([*quick_flags("08_chat", tmp_path / "08"), "--init-from", str(tmp_path / "07")])
-    printed = capsys.readouterr().out.split("fine-tuning on conversations")[1]
-    assert "pretraining" not in printed and f"weights {tmp_path / '07'}" in printed
-    checkpoint = torch.load(tmp_path / "08" / "ckpt.pt", weights_only=True)
-    before = torch.load(tmp_path / "07" / "ckpt.pt", weights_only=True)
-    assert checkpoint["config"]["vocab_size"] == before["config"]["vocab_size"] + 4
+def test_without_init_from_stage_07s_default_run_is_made_first_and_fine_tuned(
+        tmp_path, monkeypatch, capsys):
+    """Where runs/07_modern is missing, the stage says so in a line and runs stage 07 with its
+    defaults (here with a few steps more, to be quick), as a process of its own; then it
+    fine-tunes what that run wrote. A stage 07 that stops early is named, with how to go on."""
+    commands = []
+    run = subprocess.run
+
+    def quick_stage_07(command):
+        commands.append(command)
+        flags = [*quick_flags("07_modern"), "--block-size", "64"]
+        return run([*command, *flags], stdout=subprocess.DEVNULL)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(chat.subprocess, "run", quick_stage_07)
+    chat.main([*QUICK, *SMALL_BATCH])
+    printed = capsys.readouterr().out
+    assert printed.startswith("runs/07_modern holds no model yet: making it first with python "
+                              "07_modern.py\n")
+    assert commands == [[sys.executable, str(ROOT / "07_modern.py")]]
+    assert "weights runs/07_modern" in printed and "step 6: train loss" in printed
+    made = torch.load(tmp_path / "runs" / "07_modern" / "ckpt.pt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "runs" / "08_chat" / "ckpt.pt", weights_only=True)
+    assert made["stage"] == "07_modern"
+    assert checkpoint["config"]["vocab_size"] == made["config"]["vocab_size"] + 4
+    # there now: not made again
+    chat.main([*QUICK, *SMALL_BATCH, "--overwrite"])
+    assert len(commands) == 1
+    shutil.rmtree(tmp_path / "runs" / "07_modern")
+    monkeypatch.setattr(chat.subprocess, "run", lambda command: types.SimpleNamespace(
+        returncode=130))
+    message = stage_error(capsys, chat.main, "--overwrite")
+    assert ("python 07_modern.py stopped before it finished (status 130); finish it with python "
+            "07_modern.py --resume" in message)
 
 
 def test_fine_tuning_lowers_the_val_reply_loss_and_ends_with_a_demo(trained):
@@ -230,7 +253,7 @@ def short_chats(path):
     return write_jsonl(path, [json.dumps({"messages": m}) for m in short])
 
 
-def test_bad_conversations_are_refused_or_skipped_and_counted(capsys, tmp_path):
+def test_bad_conversations_are_refused_or_skipped_and_counted(capsys, tmp_path, base):
     good = json.dumps({"messages": CONVERSATION[1:3]})
     bad = write_jsonl(tmp_path / "bad.jsonl", [good, '{"messages": [{"role": "user"}]}'])
     assert "bad.jsonl, line 2: message 1 has no text as its content" in stage_error(
@@ -238,49 +261,16 @@ def test_bad_conversations_are_refused_or_skipped_and_counted(capsys, tmp_path):
     alone = json.dumps({"messages": CONVERSATION[1:2]})
     data = write_jsonl(tmp_path / "chats.jsonl", [good, alone, good])
     folder = tmp_path / "run"
-    chat.main([*quick_flags("08_chat", folder), "--data", data])
+    chat.main([*quick_flags("08_chat", folder, base), "--data", data])
     out = capsys.readouterr().out
     assert "1 conversation(s) of" in out and "have no assistant turn: skipped" in out
     assert "train: 1 conversations; in 64 tokens, 0 cut" in out and "val: 1 conversations" in out
-    assert "pretraining on Tiny Shakespeare, as stage 07 does" in out
     one = write_jsonl(tmp_path / "one.jsonl", [good, alone])
     assert "has one conversation to learn from" in stage_error(
         capsys, chat.main, "--data", one, "--out", str(tmp_path / "one"))
-    message = stage_error(capsys, chat.main, *quick_flags("08_chat", tmp_path / "short"),
+    message = stage_error(capsys, chat.main, *quick_flags("08_chat", tmp_path / "short", base),
                           "--data", data, "--block-size", "8")
     assert "no train conversation has a first reply that fits in --block-size 8" in message
-
-
-def test_resume_after_ctrl_c_gives_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch,
-                                                                       capsys):
-    flags = [*quick_flags("08_chat"), "--pretrain-iters", "4", "--max-iters", "8",
-             "--eval-interval", "4"]
-    chat.main([*flags, "--out", str(tmp_path / "whole")])
-    whole = [json.loads((tmp_path / "whole" / part / "metrics.json").read_text())["history"]
-             for part in ("pretrained", ".")]
-    train_step = chat.train_step
-    # a Ctrl-C in pretraining (its step 2), then one in fine-tuning (its step 5)
-    for phase, stop_at in (("pretrained", 2), ("parts", 5)):
-
-        def step_with_ctrl_c(model, optimizer, batches, args, step, *rest, phase=phase,
-                             stop_at=stop_at):
-            if Path(args.out).name == phase and step == stop_at:
-                os.kill(os.getpid(), signal.SIGINT)
-            return train_step(model, optimizer, batches, args, step, *rest)
-
-        monkeypatch.setattr(chat, "train_step", step_with_ctrl_c)
-        resume = ["--resume"] if phase == "parts" else []
-        chat.main([*flags, *resume, "--out", str(tmp_path / "parts")])
-        assert "--resume to go on" in capsys.readouterr().out
-    monkeypatch.undo()
-    chat.main([*flags, "--resume", "--out", str(tmp_path / "parts")])
-    parts = [json.loads((tmp_path / "parts" / part / "metrics.json").read_text())["history"]
-             for part in ("pretrained", ".")]
-    for resumed, uninterrupted in zip(parts, whole, strict=True):
-        assert ([(h["step"], h["train"], h["val"]) for h in resumed]
-                == [(h["step"], h["train"], h["val"]) for h in uninterrupted])
-    again = stage_error(capsys, chat.main, *flags, "--out", str(tmp_path / "parts"))
-    assert "holds a trained model (08_chat.py, step 8)" in again
 
 
 # ---------------------------------------------------------------------- Hugging Face chat models

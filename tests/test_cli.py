@@ -62,7 +62,7 @@ def test_the_numbered_scripts_are_all_stages():
     assert STAGES == ALL_STAGES[:4]
 
 
-@pytest.mark.parametrize("name", ["06_train_for_real", "07_modern", "08_chat", "09_lora"])
+@pytest.mark.parametrize("name", ["06_train_for_real", "07_modern"])
 def test_the_gpt2_10b_preset_is_build_nanogpts_recipe(name):
     """GPT-2 124M's shape; 524,288 tokens a step on 8 processes; 19,073 steps, 10B tokens; a peak
     learning rate of 6e-4 after 715 steps of warm-up."""
@@ -73,7 +73,6 @@ def test_the_gpt2_10b_preset_is_build_nanogpts_recipe(name):
     assert recipe["batch_size"] * config.block_size * recipe["grad_accum_steps"] * 8 == 524_288
     assert abs(recipe["max_iters"] * 524_288 - 10e9) < 0.001 * 10e9
     assert (recipe["lr"], recipe["warmup_iters"], recipe["eval_interval"]) == (6e-4, 715, 250)
-    if name in ("06_train_for_real", "07_modern"):
-        args, preset = stage.parse_flags(["--preset", "gpt2-10b"])
-        assert preset == "gpt2-10b" and args.block_size == 1024 and args.max_iters == 19073
-        assert args.lr == 6e-4 and args.n_embd == 768
+    args, preset = stage.parse_flags(["--preset", "gpt2-10b"])
+    assert preset == "gpt2-10b" and args.block_size == 1024 and args.max_iters == 19073
+    assert args.lr == 6e-4 and args.n_embd == 768

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ALL_STAGES, ROOT, load_stage, quick_flags, stage_error
+from conftest import ALL_STAGES, ROOT, load_stage, quick_flags, stage_base, stage_error
 from shared import UserError, device
 
 # Runs a stage's main() for two steps and prints the estimate of training_memory next to what
@@ -80,8 +80,9 @@ def test_the_estimate_is_within_its_factor_of_the_memory_training_takes(measured
 
 
 @pytest.mark.parametrize("name", ALL_STAGES)
-def test_a_run_that_cannot_fit_is_refused_before_it_starts(capsys, tmp_path, name):
-    message = stage_error(capsys, load_stage(name).main, *quick_flags(name, tmp_path),
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(capsys, tmp_path, base, name):
+    flags = quick_flags(name, tmp_path, stage_base(name, base))
+    message = stage_error(capsys, load_stage(name).main, *flags,
                           "--batch-size", "1000000000")
     assert "training needs about" in message and "lower --batch-size or --block-size" in message
     assert not (tmp_path / "ckpt.pt").exists()

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from conftest import ALL_STAGES, ROOT
+from conftest import ALL_STAGES, CHAT_STAGES, ROOT
 from shared.site import changed_tokens
 
 PAIRS = list(itertools.pairwise(ALL_STAGES))
@@ -14,10 +14,13 @@ PAIRS = list(itertools.pairwise(ALL_STAGES))
 BUDGETS = {("01_bigram", "02_single_head"): 610, ("02_single_head", "03_multi_head"): 250,
            ("03_multi_head", "04_block"): 510, ("04_block", "05_gpt"): 3430,
            ("05_gpt", "06_train_for_real"): 4300, ("06_train_for_real", "07_modern"): 2720,
-           # 3,450 until --pretrain-data and HellaSwag's encoding through the chat template
-           ("07_modern", "08_chat"): 3550,
-           # the 2,000 that stage 09's idea was given
-           ("08_chat", "09_lora"): 2000}
+           # the chat template, the loss on the replies, stopping, --chat (3,339 tokens at first),
+           # and post-training's own trunk: a trained model loaded (or made) as the one thing
+           # fine-tuning starts from, and pretraining's presets, corpora and HellaSwag left out
+           ("07_modern", "08_chat"): 4550,
+           # 2,000 at first; then the merged model's own writer and the adapters' base named in
+           # the docstring
+           ("08_chat", "09_lora"): 2250}
 # the loop of 01-04, whole
 COMMON = ["estimate_loss", "progress", "check_finite", "train", "generate"]
 # The definitions each stage takes over from the one before without changing a character.
@@ -43,39 +46,45 @@ UNCHANGED = {
                                          "starting_checkpoint", "trained_at",
                                          "start_processes", "describe", "train_everywhere",
                                          "print_samples"],
-    # the model and the training loop are 07's; the data, the loss and the sampling change
-    ("07_modern", "08_chat"): ["GPTConfig", "PRESETS", "KVCache", "rope_table", "rotate",
+    # the model and the training step are 07's; the data, the loss, the sampling and where the
+    # model comes from change, and what only pretraining uses leaves (presets, corpora, HellaSwag)
+    ("07_modern", "08_chat"): ["GPTConfig", "KVCache", "rope_table", "rotate",
                                "CausalSelfAttention", "causal_attention_weights", "MLP", "Block",
-                               "unsupported", "estimate_loss", "progress", "check_finite",
-                               "resolve_dtype", "autocast", "Optimizers", "configure_optimizer",
-                               "learning_rate", "train_step", "StopOnSignal", "train",
-                               "rng_states", "set_rng_state", "save_checkpoint",
+                               "unsupported", "hugging_face_name", "estimate_loss", "progress",
+                               "check_finite", "resolve_dtype", "autocast", "Optimizers",
+                               "configure_optimizer", "learning_rate", "train_step",
+                               "StopOnSignal", "rng_states", "set_rng_state", "save_checkpoint",
                                "model_from_checkpoint", "check_resumable", "greedy",
                                "top_k_filter", "top_p_filter", "sample_next", "checkpoint_path",
-                               "trained_at", "start_processes", "describe"],
+                               "starting_checkpoint", "trained_at", "start_processes"],
     # LoRA changes what trains, and what a checkpoint holds; the rest is 08's
-    ("08_chat", "09_lora"): ["GPTConfig", "PRESETS", "RECIPES", "KVCache", "rope_table", "rotate",
-                             "CausalSelfAttention", "causal_attention_weights", "MLP", "Block",
-                             "unsupported", "hugging_face_name", "grow_vocabulary",
-                             "ChatTemplate", "fit", "fine_tuning_data", "get_batch",
-                             "estimate_loss", "progress", "check_finite", "resolve_dtype",
-                             "autocast", "Optimizers", "learning_rate", "train_step",
-                             "StopOnSignal", "train", "rng_states", "set_rng_state",
-                             "model_from_checkpoint", "greedy", "top_k_filter", "top_p_filter",
-                             "sample_next", "generate", "stream", "chat", "checkpoint_path",
-                             "starting_checkpoint", "trained_at", "start_processes",
-                             "sample_only", "load_text", "make_model", "train_everywhere",
-                             "leave_together", "print_samples", "demo", "pretrain",
-                             "train_model"],
+    ("08_chat", "09_lora"): ["BASE_SCRIPT", "BASE", "GPTConfig", "RECIPES", "KVCache",
+                             "rope_table", "rotate", "CausalSelfAttention",
+                             "causal_attention_weights", "MLP", "Block", "unsupported",
+                             "hugging_face_name", "grow_vocabulary", "ChatTemplate", "fit",
+                             "fine_tuning_data", "get_batch", "estimate_loss", "progress",
+                             "check_finite", "resolve_dtype", "autocast", "Optimizers",
+                             "learning_rate", "train_step", "StopOnSignal", "train",
+                             "rng_states", "set_rng_state", "model_from_checkpoint", "greedy",
+                             "top_k_filter", "top_p_filter", "sample_next", "generate", "stream",
+                             "chat", "DATA_HELP", "checkpoint_path", "starting_checkpoint",
+                             "trained_at", "start_processes", "sample_only", "make_base",
+                             "train_everywhere", "print_samples", "demo"],
 }
-# main's steps, in this order, in every stage
+# main's steps, in this order: of the stages that build a model and train it from scratch, and of
+# those that fine-tune a trained one (post-training)
 SKELETON = ["parse_args", "select_device", "load_dataset", "build_model", "train", "save_metrics",
             "plot_attention", "generate"]
+POST_TRAINING_SKELETON = ["parse_args", "select_device", "load_conversations", "load_model",
+                          "train", "save_metrics", "plot_attention", "generate"]
+# main's other paths, which end the run before training: sampling alone, merging adapters
+OTHER_PATHS = ["sample_only", "merge_only"]
 
 
-def definitions(name):
-    """The source of each top-level function, class and constant of a stage, by name."""
-    source = (ROOT / f"{name}.py").read_text()
+def definitions(name, source=None):
+    """The source of each top-level function, class and constant of a stage, by name (of the
+    stage's file, or of source if given)."""
+    source = source or (ROOT / f"{name}.py").read_text()
     lines = source.splitlines(keepends=True)
     found = {}
     for node in ast.parse(source).body:
@@ -88,27 +97,34 @@ def definitions(name):
     return found
 
 
-def main_calls(name):
+def main_calls(found, steps=SKELETON):
     """The names of the functions main() calls in order, each function of the stage's own that it
-    calls (a step such as load_text) followed by the calls inside it, and so on down."""
-    found = definitions(name)
-
+    calls (a step such as load_text) followed by the calls inside it, and so on down; found: the
+    stage's definitions. The steps themselves (train, generate) and the other paths are not
+    followed."""
     def calls(function, inside=()):
         tree = ast.parse(found[function])
         nodes = [n.func for n in ast.walk(tree) if isinstance(n, ast.Call)]
         named = sorted((c.lineno, c.col_offset, c.attr if isinstance(c, ast.Attribute) else c.id)
                        for c in nodes if isinstance(c, (ast.Name, ast.Attribute)))
-        steps = []
+        called_here = []
         for *_, called in named:
-            # the stage's own helpers, not the steps themselves (train, generate)
-            own = called in found and found[called].startswith("def ") and called not in SKELETON
-            if own and called not in inside:
-                steps += [called, *calls(called, (*inside, function))]
+            own = called in found and found[called].startswith("def ")
+            if own and called not in (*steps, *OTHER_PATHS, *inside):
+                called_here += [called, *calls(called, (*inside, function))]
             else:
-                steps.append(called)
-        return steps
+                called_here.append(called)
+        return called_here
 
     return calls("main")
+
+
+def main_steps(name, source=None):
+    """The steps of main's training path in the order it first takes them: its calls that are
+    steps of the skeleton, each where it is first called."""
+    skeleton = POST_TRAINING_SKELETON if name in CHAT_STAGES else SKELETON
+    calls = main_calls(definitions(name, source), skeleton)
+    return list(dict.fromkeys(call for call in calls if call in skeleton))
 
 
 def test_every_pair_of_consecutive_stages_has_a_budget():
@@ -130,11 +146,25 @@ def test_consecutive_stages_differ_only_by_their_concept(pair):
 
 @pytest.mark.parametrize("name", ALL_STAGES)
 def test_main_has_the_same_skeleton_in_every_stage(name):
-    calls = main_calls(name)
-    # a table has none
-    steps = [step for step in SKELETON if step != "plot_attention" or name != "01_bigram"]
-    last = [len(calls) - 1 - calls[::-1].index(step) for step in steps]  # each step is there ...
-    assert last == sorted(last), calls  # ... and the last time it comes, in the same order
+    skeleton = POST_TRAINING_SKELETON if name in CHAT_STAGES else SKELETON
+    # a table has no attention to plot
+    assert main_steps(name) == [step for step in skeleton
+                                if step != "plot_attention" or name != "01_bigram"]
+
+
+def test_the_skeleton_test_fails_when_a_step_is_missing_or_moved():
+    source = (ROOT / "05_gpt.py").read_text()
+    assert main_steps("05_gpt", source) == SKELETON
+    plot = "        report.plot_attention(model, tokenizer, val_data[:32], args.out or \".\")\n"
+    assert source.count(plot) == 1
+    missing = source.replace(plot, "        pass\n")
+    assert main_steps("05_gpt", missing) == [s for s in SKELETON if s != "plot_attention"]
+    # drawn before training, not after it
+    train = "    history, tokens_per_second = train("
+    moved = missing.replace(train, plot.replace("        ", "    ") + train)
+    assert main_steps("05_gpt", moved) == ["parse_args", "select_device", "load_dataset",
+                                           "build_model", "plot_attention", "train",
+                                           "save_metrics", "generate"]
 
 
 def test_layout_costs_no_tokens_and_words_do():

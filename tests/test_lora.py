@@ -3,9 +3,7 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import shutil
-import signal
 
 import peft
 import pytest
@@ -21,12 +19,12 @@ lora = load_stage("09_lora")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A quick run of the stage, pretraining then LoRA (rank 8 on every projection), merged:
-    its folder."""
+def trained(tmp_path_factory, base):
+    """A quick run of the stage, LoRA (rank 8 on every projection) on base, merged: its
+    folder."""
     out = tmp_path_factory.mktemp("lora")
     with contextlib.redirect_stdout(io.StringIO()):
-        lora.main([*quick_flags("09_lora", out), "--max-new-tokens", "5"])
+        lora.main([*quick_flags("09_lora", out, base), "--max-new-tokens", "5"])
         lora.main(["--merge", "--out", str(out)])
     return out
 
@@ -140,18 +138,21 @@ def test_the_memory_estimate_counts_a_gradient_and_two_moments_for_trained_weigh
 
 
 def test_a_checkpoint_holds_the_adapters_and_merging_gives_stage_08_the_same_model(
-        trained, capsys):
+        trained, base, capsys):
     checkpoint = torch.load(trained / "ckpt.pt", weights_only=True)
     assert all("lora_" in name or name in lora.TABLES for name in checkpoint["model"])
     assert checkpoint["model"]["lm_head.weight"].shape[0] == 4  # the template's rows alone
-    base = torch.load(trained / "pretrained" / "ckpt.pt", weights_only=True)["model"]
+    weights = torch.load(base / "ckpt.pt", weights_only=True)["model"]
     # r (in + out) a matrix, and the 4 new rows of the embedding and of the head
-    expected = sum(8 * sum(t.shape) for name, t in base.items()
-                   if name.split(".")[-2] in lora.TARGETS) + 2 * 4 * base["wte.weight"].size(1)
+    expected = sum(8 * sum(t.shape) for name, t in weights.items()
+                   if name.split(".")[-2] in lora.TARGETS) + 2 * 4 * weights["wte.weight"].size(1)
     assert sum(t.numel() for t in checkpoint["model"].values()) == expected
-    model, template = lora.chat_model(lora.parse_flags(["--out", str(trained)])[0])
+    model, template = lora.load_model(trained)
     chat = load_stage("08_chat")
-    merged, _ = chat.chat_model(chat.parse_flags(["--out", str(trained / "merged")])[0])
+    merged, _ = chat.load_model(trained / "merged")
+    # the merged model alone: nothing to resume
+    assert set(torch.load(trained / "merged" / "ckpt.pt", weights_only=True)) == {
+        "stage", "model", "config", "tokenizer"}
     x = torch.randint(69, (2, 16))
     with torch.no_grad():
         assert (model.eval()(x)[0] - merged.eval()(x)[0]).abs().max() <= 1e-5
@@ -164,9 +165,9 @@ def test_a_checkpoint_holds_the_adapters_and_merging_gives_stage_08_the_same_mod
                                                                  "--out", str(trained))
 
 
-def test_adapters_on_another_base_or_as_a_base_are_refused(trained, tmp_path, capsys):
+def test_adapters_on_another_base_or_as_a_base_are_refused(trained, base, tmp_path, capsys):
     altered = tmp_path / "base"
-    shutil.copytree(trained / "pretrained", altered)
+    shutil.copytree(base, altered)
     base = torch.load(altered / "ckpt.pt", weights_only=True)
     base["model"]["h.0.attn.q_proj.weight"][0, 0] += 1e-3
     torch.save(base, altered / "ckpt.pt")
@@ -189,56 +190,26 @@ def test_adapters_on_another_base_or_as_a_base_are_refused(trained, tmp_path, ca
     (["--lora-dropout", "1"], "must be at least 0 and below 1"),
     (["--lora-targets", "lm_head"], "invalid choice: 'lm_head'"),
 ])
-def test_bad_lora_settings_get_one_sentence(trained, tmp_path, capsys, flags, message):
-    assert message in stage_error(capsys, lora.main, *quick_flags("09_lora", tmp_path),
-                                  "--init-from", str(trained / "pretrained"), *flags)
+def test_bad_lora_settings_get_one_sentence(base, tmp_path, capsys, flags, message):
+    assert message in stage_error(capsys, lora.main, *quick_flags("09_lora", tmp_path, base),
+                                  *flags)
 
 
-def test_rank_0_is_stage_08_and_adapters_go_on_a_run_of_stage_08(trained, tmp_path):
-    # the pretrained model as a run of stage 07 writes it (the same checkpoint but for the name)
-    checkpoint = torch.load(trained / "pretrained" / "ckpt.pt", weights_only=True)
-    del checkpoint["lora"]
-    (tmp_path / "07").mkdir()
-    torch.save({**checkpoint, "stage": "07_modern"}, tmp_path / "07" / "ckpt.pt")
+def test_rank_0_is_stage_08_and_adapters_go_on_a_run_of_stage_08(base, tmp_path):
     histories = []
     for name, flags in (("08_chat", []), ("09_lora", ["--lora-rank", "0"])):
         out = tmp_path / name
         with contextlib.redirect_stdout(io.StringIO()):
-            load_stage(name).main([*quick_flags(name, out), "--init-from", str(tmp_path / "07"),
-                                   *flags])
+            load_stage(name).main([*quick_flags(name, out, base), *flags])
         histories.append([(h["step"], h["train"], h["val"])
                           for h in json.loads((out / "metrics.json").read_text())["history"]])
     assert histories[0] == histories[1] and len(histories[0]) == 3
-    # adapters on the model that stage 08 fine-tuned: no pretraining
+    # adapters on the model that stage 08 fine-tuned
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        lora.main([*quick_flags("09_lora", tmp_path / "on_08"), "--init-from",
-                   str(tmp_path / "08_chat")])
-    assert "pretraining" not in printed.getvalue() and "of them trained" in printed.getvalue()
+        lora.main([*quick_flags("09_lora", tmp_path / "on_08", tmp_path / "08_chat")])
+    assert "of them trained" in printed.getvalue()
     checkpoint = torch.load(tmp_path / "on_08" / "ckpt.pt", weights_only=True)
     assert checkpoint["lora"]["base"] == str(tmp_path / "08_chat")
-
-
-def test_resume_after_ctrl_c_gives_the_losses_of_an_uninterrupted_run(trained, tmp_path,
-                                                                       monkeypatch, capsys):
-    flags = [*quick_flags("09_lora"), "--init-from", str(trained / "pretrained"),
-             "--max-iters", "8", "--eval-interval", "4"]
-    lora.main([*flags, "--out", str(tmp_path / "whole")])
-    train_step = lora.train_step
-
-    def step_with_ctrl_c(model, optimizer, batches, args, step, *rest):
-        if step == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return train_step(model, optimizer, batches, args, step, *rest)
-
-    monkeypatch.setattr(lora, "train_step", step_with_ctrl_c)
-    lora.main([*flags, "--out", str(tmp_path / "parts")])
-    assert "--resume to go on" in capsys.readouterr().out
-    monkeypatch.undo()
-    lora.main([*flags, "--resume", "--out", str(tmp_path / "parts")])
-    histories = [[(h["step"], h["train"], h["val"])
-                  for h in json.loads((tmp_path / run / "metrics.json").read_text())["history"]]
-                 for run in ("whole", "parts")]
-    assert histories[0] == histories[1] and len(histories[0]) == 3
 
 
 def test_fine_tune_a_hugging_face_model_merge_and_export_it(hf_folder, tmp_path, capsys):
@@ -251,7 +222,7 @@ def test_fine_tune_a_hugging_face_model_merge_and_export_it(hf_folder, tmp_path,
               for line in capsys.readouterr().out.splitlines() if "val loss" in line]
     assert len(losses) == 2 and losses[1] < losses[0]
     lora.main(["--merge", "--out", str(out)])
-    model, _ = lora.chat_model(lora.parse_flags(["--out", str(out)])[0])
+    model, _ = lora.load_model(out)
     exported = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()
     original = transformers.AutoModelForCausalLM.from_pretrained(hf_folder).eval()
     x = torch.randint(320, (2, 24))

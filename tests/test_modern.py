@@ -1,9 +1,6 @@
 """Stage 07: rotary positions, RMSNorm, SwiGLU, grouped-query attention, QK-norm, Muon, the sliding
 KV cache, and Llama and Qwen3 weights through transformers against Hugging Face's own outputs,
 all offline: small models with random weights stand in for the real ones."""
-import json
-import os
-import signal
 
 import pytest
 import torch
@@ -157,36 +154,6 @@ def test_parameter_counts_of_real_models_on_the_meta_device(config, count):
     with torch.device("meta"):
         model = modern.GPT(modern.GPTConfig(**config))
     assert sum(p.numel() for p in model.parameters()) == count
-
-
-def test_resume_after_ctrl_c_gives_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch,
-                                                                       capsys):
-    flags = [*TINY, "--max-iters", "12", "--eval-interval", "4"]
-    modern.main([*flags, "--out", str(tmp_path / "whole")])
-    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"]
-    train_step = modern.train_step
-
-    def step_with_ctrl_c(model, optimizer, batches, args, step, *rest):
-        if step == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-        return train_step(model, optimizer, batches, args, step, *rest)
-
-    monkeypatch.setattr(modern, "train_step", step_with_ctrl_c)
-    modern.main([*flags, "--out", str(tmp_path / "parts")])
-    monkeypatch.undo()
-    modern.main([*flags, "--resume", "--out", str(tmp_path / "parts")])
-    resumed = json.loads((tmp_path / "parts" / "metrics.json").read_text())["history"]
-    assert "stopped at step 7" in capsys.readouterr().out
-    assert ([(h["step"], h["train"], h["val"]) for h in resumed]
-            == [(h["step"], h["train"], h["val"]) for h in whole])
-    seconds = [h["seconds"] for h in resumed]  # one clock across the resume
-    assert seconds == sorted(seconds)
-    # neither a new run nor a resume past the end replaces it
-    parts = tmp_path / "parts"
-    again = stage_error(capsys, modern.main, *flags, "--out", str(parts))
-    assert "holds a trained model (07_modern.py, step 12)" in again
-    on = stage_error(capsys, modern.main, *flags, "--resume", "--out", str(parts))
-    assert "train on with --resume --max-iters 24" in on
 
 
 def test_heads_must_share_key_value_heads_evenly(capsys):

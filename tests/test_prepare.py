@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CHAT_STAGES, ROOT, load_stage, quick_flags, stage_error
+from conftest import ROOT, load_stage, quick_flags, stage_error
 from shared import UserError, prepare
 from shared.cli import run
 from shared.data import get_batch, load_dataset
@@ -29,19 +29,6 @@ def test_tiny_shakespeare_from_one_shard_trains_to_the_losses_of_the_text(tmp_pa
     for name, data in (("text", SHAKESPEARE), ("shards", tmp_path / "shards")):
         with contextlib.redirect_stdout(io.StringIO()):
             modern.main([*quick_flags("07_modern", tmp_path / name), "--data", str(data)])
-    assert history(tmp_path / "text") == history(tmp_path / "shards")
-
-
-@pytest.mark.parametrize("name", CHAT_STAGES)
-def test_the_chat_stages_pretrain_on_shards_to_the_losses_of_the_text(tmp_path, name):
-    """--pretrain-data FOLDER: the pretraining reads the shards, the fine-tuning after it the
-    conversations as always; both give the losses of the default run, on Tiny Shakespeare."""
-    prepare.prepare([str(SHAKESPEARE)], tmp_path / "shards", progress=False)
-    shards = ["--pretrain-data", str(tmp_path / "shards")]
-    for run_name, flags in (("text", []), ("shards", shards)):
-        with contextlib.redirect_stdout(io.StringIO()):
-            load_stage(name).main([*quick_flags(name, tmp_path / run_name), *flags])
-    assert history(tmp_path / "text" / "pretrained") == history(tmp_path / "shards" / "pretrained")
     assert history(tmp_path / "text") == history(tmp_path / "shards")
 
 
@@ -154,6 +141,16 @@ def test_the_command_says_what_it_wrote_and_refuses_in_one_line(tmp_path, capsys
             prog="python -m shared.prepare")
     err = capsys.readouterr().err.strip()
     assert err == f"python -m shared.prepare: error: {tmp_path / 'binary.txt'} is not UTF-8 text"
+    # usage errors, one line each, before any work
+    for argv, says in ((["--out", str(tmp_path / "binary.txt"), str(SHAKESPEARE)],
+                        "is a file, not a folder"),
+                       ([str(SHAKESPEARE)], "the following arguments are required: --out"),
+                       ([str(SHAKESPEARE), "--out", str(tmp_path / "z"), "--workers", "0"],
+                        "argument --workers: must be above 0, got 0")):
+        with pytest.raises(SystemExit) as exit_:
+            run(lambda argv=argv: prepare.main(argv), prog="python -m shared.prepare")
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
 
 
 def test_a_hugging_face_dataset_is_streamed_into_the_shards_its_texts_as_files_give(tmp_path):

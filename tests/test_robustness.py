@@ -17,25 +17,33 @@ from conftest import (
     STAGES,
     load_stage,
     quick_flags,
+    stage_base,
     stage_error,
 )
 from shared.cli import run
 from shared.data import get_batch
 
-
-@pytest.mark.parametrize("name", GPT_STAGES)
-@pytest.mark.parametrize("flags,message", [
+BAD_FLAGS = [
     (["--no-such-flag"], "unrecognized arguments"),
     (["--max-iters", "ten"], "expected an integer"),
     (["--batch-size", "0"], "must be above 0"),
-    (["--n-layer", "-2"], "must be above 0"),
+    (["--block-size", "0"], "must be above 0"),
     (["--eval-iters", "0"], "must be above 0"),
-    (["--n-embd", "30", "--n-head", "4"], "divisible"),
     (["--dropout", "1"], "below 1"),
     (["--dtype", "float8"], "invalid choice"),
     (["--device", "tpu"], "invalid choice"),
+]
+# the flags of a model's shape, in the stages that build one (post-training loads its model)
+BAD_SHAPES = [
+    (["--n-layer", "-2"], "must be above 0"),
+    (["--n-embd", "30", "--n-head", "4"], "divisible"),
     (["--preset", "huge"], "invalid choice"),
-])
+]
+
+
+@pytest.mark.parametrize("name,flags,message", [
+    *((name, *case) for name in GPT_STAGES for case in BAD_FLAGS),
+    *((name, *case) for name in GPT_STAGES if name not in CHAT_STAGES for case in BAD_SHAPES)])
 def test_bad_flags(capsys, name, flags, message):
     assert message in stage_error(capsys, load_stage(name).main, *flags)
 
@@ -89,8 +97,9 @@ def test_no_network_for_tiktoken(tmp_path):
 # ------------------------------------------------------------------------ every stage, at the edges
 
 @pytest.mark.parametrize("name", ALL_STAGES)
-def test_a_diverging_run_ends_with_one_sentence_in_every_stage(capsys, tmp_path, name):
-    message = stage_error(capsys, load_stage(name).main, *quick_flags(name, tmp_path),
+def test_a_diverging_run_ends_with_one_sentence_in_every_stage(capsys, tmp_path, base, name):
+    flags = quick_flags(name, tmp_path, stage_base(name, base))
+    message = stage_error(capsys, load_stage(name).main, *flags,
                           "--max-iters", "30", "--eval-interval", "10", "--lr", "1e12",
                           "--max-new-tokens", "50")
     assert re.search(r"the loss became (nan|inf) at step \d+: training diverged; "
@@ -140,11 +149,9 @@ SMALLEST = {"01_bigram": [], "02_single_head": ["--n-embd", "1"],
             **{name: ["--n-embd", "1", "--n-head", "1", "--n-layer", "1"]
                for name in ["04_block", "05_gpt", "06_train_for_real"]},
             # RoPE: pairs
-            **{name: ["--n-embd", "2", "--n-head", "1", "--n-kv-head", "1", "--n-layer", "1"]
-               for name in ["07_modern", "08_chat"]},
-            # and adapters of rank 1 at most
-            "09_lora": ["--n-embd", "2", "--n-head", "1", "--n-kv-head", "1", "--n-layer", "1",
-                        "--lora-rank", "1"]}
+            "07_modern": ["--n-embd", "2", "--n-head", "1", "--n-kv-head", "1", "--n-layer", "1"],
+            # the chat stages fine-tune the smallest model of stage 07; adapters of rank 1 at most
+            "08_chat": [], "09_lora": ["--lora-rank", "1"]}
 # the context of a model: 1 token; but the chat stages need one that a conversation fits in, and
 # the shortest of Shakespeare's val exchanges takes 20 tokens with its template
 CONTEXT = {name: "20" for name in CHAT_STAGES}
@@ -152,10 +159,15 @@ CONTEXT = {name: "20" for name in CHAT_STAGES}
 
 @pytest.mark.parametrize("name", ALL_STAGES)
 def test_the_smallest_sizes_train(capsys, tmp_path, name):
-    load_stage(name).main([*quick_flags(name, tmp_path), *SMALLEST[name],
+    base = None
+    if name in CHAT_STAGES:
+        base = tmp_path / "base"
+        load_stage("07_modern").main([*quick_flags("07_modern", base), *SMALLEST["07_modern"],
+                                      "--block-size", "20", "--batch-size", "1"])
+    load_stage(name).main([*quick_flags(name, tmp_path / "run", base), *SMALLEST[name],
                            "--block-size", CONTEXT.get(name, "1"),
                            "--batch-size", "1", "--max-new-tokens", "5"])
-    assert "step 6: train loss" in capsys.readouterr().out
+    assert "step 6: train loss" in capsys.readouterr().out.rsplit("parameters", 1)[1]
 
 
 # ----------------------------------------------------------------------------- what is sampled

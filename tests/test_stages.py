@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from conftest import GPT_STAGES, STAGES, attention_heads, build_model, load_stage
+from conftest import CHAT_STAGES, GPT_STAGES, STAGES, attention_heads, build_model, load_stage
 from shared.cli import parse_args
 from shared.data import load_dataset
 
@@ -19,10 +19,20 @@ def tiny_args(stage, *flags):
     flags = ["--batch-size", "8", "--block-size", "16", "--eval-iters", "4", "--seed", "0", *flags]
     if stage.__name__ in STAGES:
         return parse_args(flags, stage.STAGE, stage.__doc__, stage.hyperparameters)
-    args = parse_args(["--warmup-iters", "2", *flags], stage.STAGE, stage.__doc__,
-                      stage.flag_defaults("cpu"), stage.add_flags)
+    defaults = (stage.RECIPES["chat"] if stage.__name__ in CHAT_STAGES
+                else stage.flag_defaults("cpu"))
+    args = parse_args(["--warmup-iters", "2", *flags], stage.STAGE, stage.__doc__, defaults,
+                      stage.add_flags)
     args.dtype, args.world_size = "float32", 1
     return args
+
+
+def examples(data, block_size):
+    """A text's windows, one every 10 tokens, as the chat stages' examples: inputs and targets,
+    every target learned."""
+    starts = torch.arange(0, len(data) - block_size - 1, 10)
+    windows = data[starts[:, None] + torch.arange(block_size + 1)]
+    return windows[:, :-1], windows[:, 1:]
 
 
 def train(stage, model, train_data, val_data, args):
@@ -31,11 +41,19 @@ def train(stage, model, train_data, val_data, args):
     if stage.__name__ in STAGES + ["05_gpt"]:
         history, _ = stage.train(model, train_data, val_data, args, device, 1.0)
         return history
-    # stages 06 and on: an optimizer of their own, no benchmark, a first step, and a checkpoint
-    # writer
+    # stages 06 and on: an optimizer of their own, a first step and a checkpoint writer; 06 and
+    # 07 no benchmark; the chat stages examples, not a text
     optimizer = stage.configure_optimizer(model, args)
-    history, *_ = stage.train(model, optimizer, train_data, val_data, args, device, 1.0, None, 0,
-                              [], lambda step, history: None)
+    def no_checkpoint(step, history):
+        return None
+
+    if stage.__name__ in CHAT_STAGES:
+        train_data, val_data = (examples(data, args.block_size) for data in (train_data, val_data))
+        history, *_ = stage.train(model, optimizer, train_data, val_data, args, device, 1.0, 0, [],
+                                  no_checkpoint)
+    else:
+        history, *_ = stage.train(model, optimizer, train_data, val_data, args, device, 1.0, None,
+                                  0, [], no_checkpoint)
     return history
 
 
