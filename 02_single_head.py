@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from shared import UserError, report
 from shared.cli import parse_args, run
@@ -109,24 +110,34 @@ def estimate_loss(model, splits, args, device):
         generator = torch.Generator().manual_seed(args.seed)
         batches = (get_batch(data, args.batch_size, args.block_size, device, generator)
                    for _ in range(args.eval_iters))
+        # a bar once an estimate takes more than 5 s (a large vocabulary, a slow machine)
+        batches = tqdm(batches, f"{name} loss", args.eval_iters, leave=False, delay=5)
         losses[name] = sum(model(x, y)[1].item() for x, y in batches) / args.eval_iters
     model.train(was_training)
     return losses
 
 
-def progress(step, args, last_line, eval_seconds):
+def progress(step, args, last_line, eval_seconds, evaluations):
     """Speed of the training steps since the last line printed (last_line: its step, time and
-    seconds of evaluation so far), and how long the rest of the run will take at that speed,
-    evaluations at their share so far: after a stall, the next line is right again."""
+    seconds of evaluation so far), and how long the rest of the run will take: the steps left at
+    that speed, and the evaluations left at what each took so far (this run has made evaluations
+    of them, in eval_seconds). After a stall, the next line is right again."""
     last_step, last_time, last_eval_seconds = last_line
     if step == last_step:
         return ""
     train_seconds = time.time() - last_time - (eval_seconds - last_eval_seconds)
     step_seconds = max(train_seconds, 1e-9) / (step - last_step)
-    left = (step_seconds + eval_seconds / step) * (args.max_iters - step)
+    # the evaluations to come: every eval_interval steps, and at the last step
+    evaluations_left = sum(1 for later in range(step + 1, args.max_iters + 1)
+                           if later % args.eval_interval == 0 or later == args.max_iters)
+    left = (step_seconds * (args.max_iters - step)
+            + evaluations_left * eval_seconds / max(evaluations, 1))
+    # whole seconds, rounded before they are split: never 8:60
+    seconds = round(left)
+    clock = f"{seconds // 3600}:{seconds // 60 % 60:02}:{seconds % 60:02}"
     tokens_per_second = args.batch_size * args.block_size / step_seconds
     return (f" | {1000 * step_seconds:.1f} ms/step, {tokens_per_second:,.0f} tok/s,"
-            f" {left // 60:.0f}:{left % 60:02.0f} left")
+            f" {clock} left")
 
 
 def check_finite(loss, step):
@@ -146,6 +157,7 @@ def train(model, train_data, val_data, args, device, chars_per_token):
     history = []
     start = time.time()
     eval_seconds = 0.0
+    evaluations = 0
     last_line = (0, start, eval_seconds)
     step = 0
     try:
@@ -155,13 +167,14 @@ def train(model, train_data, val_data, args, device, chars_per_token):
                 losses = estimate_loss(model, splits, args, device)
                 check_finite(losses["val"], step)
                 eval_seconds += time.time() - eval_start
+                evaluations += 1
                 seconds = time.time() - start
                 bpc = losses["val"] / chars_per_token / math.log(2)
                 history.append({"step": step, "seconds": round(seconds, 3), **losses,
                                 "val_bpc": bpc})
                 print(f"step {step}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, val {bpc:.3f} bits/char"
-                      + progress(step, args, last_line, eval_seconds), flush=True)
+                      + progress(step, args, last_line, eval_seconds, evaluations), flush=True)
                 last_line = (step, time.time(), eval_seconds)
             if step == args.max_iters:
                 break
@@ -176,7 +189,7 @@ def train(model, train_data, val_data, args, device, chars_per_token):
             evaluating = step % args.eval_interval == 0 or step == args.max_iters
             if time.time() - last_line[1] > 5 and not evaluating:
                 print(f"step {step}: batch loss {loss.item():.4f}"
-                      + progress(step, args, last_line, eval_seconds), flush=True)
+                      + progress(step, args, last_line, eval_seconds, evaluations), flush=True)
                 last_line = (step, time.time(), eval_seconds)
     except KeyboardInterrupt:
         print(f"\ninterrupted at step {step}; going on with the model as it is")
@@ -194,7 +207,8 @@ def generate(model, idx, max_new_tokens):
     so a sample can be longer than the context the model was trained on."""
     was_training = model.training
     model.eval()
-    for _ in range(max_new_tokens):
+    # a bar once sampling takes more than 5 s
+    for _ in tqdm(range(max_new_tokens), "sampling", leave=False, delay=5):
         logits, _ = model(idx[:, -model.block_size:])  # (B, T, vocab_size)
         # the next token's distribution, (B, vocab_size)
         probs = F.softmax(logits[:, -1, :], dim=-1)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from shared import UserError, atomic_write, hellaswag, report
 from shared.cli import checked, given, nonempty, parse_args, run
@@ -289,6 +290,8 @@ def estimate_loss(model, splits, args, device):
         generator = torch.Generator().manual_seed(args.seed + rank)
         batches = (get_batch(data, args.batch_size, args.block_size, device, generator)
                    for _ in range(args.eval_iters))
+        # a bar once an estimate takes more than 5 s (a large vocabulary, a slow machine)
+        batches = tqdm(batches, f"{name} loss", args.eval_iters, leave=False, delay=5)
         loss = sum(model(x, y)[1].item() for x, y in batches) / args.eval_iters
         # the mean over every process's batches
         losses[name] = all_reduce([loss])[0] / args.world_size
@@ -296,19 +299,27 @@ def estimate_loss(model, splits, args, device):
     return losses
 
 
-def progress(step, args, last_line, eval_seconds, start_step=0):
+def progress(step, args, last_line, eval_seconds, evaluations):
     """Speed of the training steps since the last line printed (last_line: its step, time and
-    seconds of evaluation so far), and how long the rest of the run will take at that speed,
-    evaluations at their share so far: after a stall, the next line is right again."""
+    seconds of evaluation so far), and how long the rest of the run will take: the steps left at
+    that speed, and the evaluations left at what each took so far (this run has made evaluations
+    of them, in eval_seconds). After a stall, the next line is right again."""
     last_step, last_time, last_eval_seconds = last_line
     if step == last_step:
         return ""
     train_seconds = time.time() - last_time - (eval_seconds - last_eval_seconds)
     step_seconds = max(train_seconds, 1e-9) / (step - last_step)
-    left = (step_seconds + eval_seconds / (step - start_step)) * (args.max_iters - step)
+    # the evaluations to come: every eval_interval steps, and at the last step
+    evaluations_left = sum(1 for later in range(step + 1, args.max_iters + 1)
+                           if later % args.eval_interval == 0 or later == args.max_iters)
+    left = (step_seconds * (args.max_iters - step)
+            + evaluations_left * eval_seconds / max(evaluations, 1))
+    # whole seconds, rounded before they are split: never 8:60
+    seconds = round(left)
+    clock = f"{seconds // 3600}:{seconds // 60 % 60:02}:{seconds % 60:02}"
     tokens = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
     return (f" | {1000 * step_seconds:.1f} ms/step, {tokens / step_seconds:,.0f}"
-            f" tok/s, {left // 60:.0f}:{left % 60:02.0f} left")
+            f" tok/s, {clock} left")
 
 
 def check_finite(loss, step):
@@ -426,6 +437,7 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
     start = time.time()
     eval_seconds = 0.0
+    evaluations = 0
     last_line = (step, start, eval_seconds)
     with StopOnSignal() as stop:
         while True:
@@ -441,6 +453,7 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
                                                                  args.batch_size, device)
                 check_finite(losses["val"], step)
                 eval_seconds += time.time() - eval_start
+                evaluations += 1
                 seconds = time.time() - start
                 bpc = losses["val"] / chars_per_token / math.log(2)
                 history.append({"step": step, "seconds": round(clock + seconds, 3), **losses,
@@ -448,7 +461,7 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
                 print(f"step {step}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, val {bpc:.3f} bits/char"
                       + hellaswag.summary(losses.get("hellaswag"))
-                      + progress(step, args, last_line, eval_seconds, start_step), flush=True)
+                      + progress(step, args, last_line, eval_seconds, evaluations), flush=True)
                 on_checkpoint(step, history)
                 last_line = (step, time.time(), eval_seconds)
             if step >= args.max_iters:
@@ -468,7 +481,7 @@ def train(model, optimizer, train_data, val_data, args, device, chars_per_token,
             evaluating = step % args.eval_interval == 0 or step == args.max_iters
             if time.time() - last_line[1] > 5 and not evaluating:
                 print(f"step {step}: batch loss {loss:.4f}"
-                      + progress(step, args, last_line, eval_seconds, start_step), flush=True)
+                      + progress(step, args, last_line, eval_seconds, evaluations), flush=True)
                 last_line = (step, time.time(), eval_seconds)
     seconds = time.time() - start
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
@@ -614,7 +627,8 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
     was_training = model.training
     model.eval()
     start, cache = 0, None
-    for _ in range(max_new_tokens):
+    # a bar once sampling takes more than 5 s
+    for _ in tqdm(range(max_new_tokens), "sampling", leave=False, delay=5):
         if idx.size(1) - start > model.block_size:
             start, cache = idx.size(1) - max(1, model.block_size // 2), None
         if use_cache and cache is not None:

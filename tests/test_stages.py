@@ -108,13 +108,24 @@ def test_loss_drops_after_a_few_dozen_steps(stage):
     assert history[0]["val"] - history[-1]["val"] > 0.5
 
 
-def test_the_progress_line_follows_the_recent_steps(stage):
-    """100 steps in the 10 s since the last line, 20 s of evaluation in 200 steps: 100 ms a step,
-    and 800 steps left at 100 + 100 ms each, whatever came before (a stall, a slow start)."""
-    args = tiny_args(stage, "--max-iters", "1000")
-    line = stage.progress(200, args, (100, time.time() - 10.0, 20.0), 20.0)
-    assert " | 100.0 ms/step, 1,280 tok/s, 2:40 left" in line
-    assert stage.progress(100, args, (100, time.time(), 20.0), 20.0) == ""
+def test_the_progress_line_charges_steps_and_evaluations_what_they_cost(stage, monkeypatch):
+    """On a made-up clock. Step 200, its evaluation just made: 20 s since the line of step 100,
+    of which 10 s that evaluation's, so 100 steps in 10 s; 3 evaluations of 10 s each so far.
+    Left: 800 steps of 100 ms and 8 evaluations of 10 s, whatever came before (a stall, a slow
+    start)."""
+    monkeypatch.setattr(time, "time", lambda: 1000.0)
+    args = tiny_args(stage, "--max-iters", "1000", "--eval-interval", "100")
+    line = stage.progress(200, args, (100, 980.0, 20.0), 30.0, 3)
+    assert line == " | 100.0 ms/step, 1,280 tok/s, 0:02:40 left"
+    assert stage.progress(200, args, (200, 1000.0, 30.0), 30.0, 3) == ""
+    # step 1 of a run whose first evaluation took 105 s: 999 steps of 100 ms, and 4 evaluations
+    # more (at 250, 500, 750, 1000), not 105 s again for each step
+    args = tiny_args(stage, "--max-iters", "1000", "--eval-interval", "250")
+    line = stage.progress(1, args, (0, 999.9, 105.0), 105.0, 1)
+    assert line.endswith(" 0:08:40 left")
+    # rounded before it is split: 3,599.96 s is an hour, not 59:60
+    args = tiny_args(stage, "--max-iters", "360000", "--eval-interval", "1000000")
+    assert stage.progress(4, args, (0, 999.96, 0.0), 0.0, 1).endswith(" 1:00:00 left")
 
 
 def test_same_seed_same_losses(stage):
