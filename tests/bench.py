@@ -11,22 +11,22 @@
               same runs evaluated often, for their validation loss by wall-clock time
   ablations   stage 07 with each of its changes taken away in turn, at the training time of its
               default run
-  chat        python 07_modern.py and python 08_chat.py as a user runs them: each command's
-              time; the val reply loss before and after fine-tuning; how many replies to val
-              conversations end their turn within 500 new tokens, before and after
-  lora        python 08_chat.py and python 09_lora.py: each command's time, checkpoint size and
-              trained parameters; from one pretrained model, the val reply loss of full
-              fine-tuning and of LoRA at several ranks, targets and optimizers, by step and by
-              wall-clock time; peak memory and time a step of fine-tuning a model of
-              Qwen3-0.6B's shape (random weights), in full and with LoRA
+  chat        python 07_modern.py, then python 08_chat.py fine-tuning its run, as a user's first
+              python 08_chat.py runs them: each command's time; the val reply loss before and
+              after fine-tuning; how many replies to val conversations end their turn within 500
+              new tokens, before and after
+  lora        python 08_chat.py and python 09_lora.py, each fine-tuning one run of python
+              07_modern.py: each command's time, checkpoint size and trained parameters; from
+              that model, the val reply loss of full fine-tuning and of LoRA at several ranks,
+              targets and optimizers, by step and by wall-clock time; peak memory and time a step
+              of fine-tuning a model of Qwen3-0.6B's shape (random weights), in full and with LoRA
   corpus      a corpus of 1 GB (Tiny Shakespeare 900 times, in 100 files) prepared into token
-              shards with 1 and 2 workers; stages 06 to 09 with --tokenizer gpt2 on Tiny
+              shards with 1 and 2 workers; stages 06 and 07 with --tokenizer gpt2 on Tiny
               Shakespeare and on those shards: whole command, peak memory
 
 Not a test (pytest does not collect it). Run it on an otherwise idle machine:
 
-    python tests/bench.py                   # every part, about 20 minutes on 2 CPU cores, plus
-                                            # LoRA's
+    python tests/bench.py                   # every part: tens of minutes on 2 CPU cores
     python tests/bench.py modern ablations  # some of them
 
 Each measurement runs in a process of its own, so that peak memory is that measurement's.
@@ -47,7 +47,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the stages and shared/
-PARTS = ["speed", "generation", "dtype", "modern", "ablations", "chat", "lora", "corpus"]
 
 
 def child(*args):
@@ -219,28 +218,28 @@ def checkpoint_loss(name, folder):
     return full_validation_loss(model, val_data, model.block_size)
 
 
-def measure_stops(folder, name="08_chat", conversations=50, new_tokens=500):
-    """Of the replies of the model that stage name pretrained in folder (before fine-tuning) and
-    of the one it fine-tuned, to the first message(s) of the first val conversations, how many end
-    their turn within new_tokens; one reply each, sampled at temperature 1 from a fixed seed."""
+def measure_stops(base, tuned, name="08_chat", conversations=50, new_tokens=500):
+    """Of the replies of the model in base, a run of stage 07 (before fine-tuning, with its chat
+    template's new rows), and of the one that stage name fine-tuned from it into tuned, to the
+    first message(s) of the first val conversations, how many end their turn within new_tokens;
+    one reply each, sampled at temperature 1 from a fixed seed."""
     import torch
 
     from shared.conversations import load_conversations
-    chat = stage(name)
+    m = stage(name)
     _, val = load_conversations()
-    args = types.SimpleNamespace(init_from=None, out=folder, block_size=64, dropout=0.0)
     ended = {}
-    for name, out in (("before", Path(folder) / "pretrained"), ("after", Path(folder))):
-        args.init_from = str(out) if name == "before" else None
-        model, template = chat.chat_model(args)
+    for when, folder in (("before", base), ("after", tuned)):
+        model, template = m.load_model(folder)
         torch.manual_seed(0)
-        ended[name] = 0
+        ended[when] = 0
         for messages in val[:conversations]:
-            first_reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            first_reply = next(i for i, message in enumerate(messages)
+                               if message["role"] == "assistant")
             prompt, _ = template.render(messages[:first_reply], reply_next=True)
-            row = chat.generate(model.eval(), torch.tensor([prompt]), new_tokens,
-                                stop=template.end)[0, len(prompt):]
-            ended[name] += template.end in row.tolist()
+            row = m.generate(model.eval(), torch.tensor([prompt]), new_tokens,
+                             stop=template.end)[0, len(prompt):]
+            ended[when] += template.end in row.tolist()
     return {**ended, "replies": conversations}
 
 
@@ -328,6 +327,34 @@ def measure_qwen3_step(folder, rank, steps=4):
             "training_peak_mb": peak[0] / 2**20,
             "checkpoint_mb": (Path(out) / "ckpt.pt").stat().st_size / 2**20,
             "trained": trained[0].split(" of them")[0] if trained else "all"}
+
+
+def timed(command):
+    """python with command (a list): its wall time, the peak memory of its main process in MB (the
+    only child of this one) and what it printed."""
+    start = time.time()
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, check=True, capture_output=True,
+                            text=True)
+    wall = time.time() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
+    return {"wall": wall, "peak": peak, "printed": result.stdout}
+
+
+def print_curves(runs):
+    """Each run's validation loss at each evaluation, and the best reached by wall-clock time."""
+    names = list(runs)
+    for name in names:
+        history = runs[name][0]["history"]
+        print(f"  {name}: " + ", ".join(f"step {h['step']} {h['val']:.4f} ({h['seconds']:.0f} s)"
+                                        for h in history))
+    print("  best validation loss reached by wall-clock time (seconds since training began)")
+    print("    seconds | " + " | ".join(f"{name:>9}" for name in names))
+    longest = max(runs[name][0]["history"][-1]["seconds"] for name in names)
+    for limit in range(10, int(longest) + 10, 5 if longest < 60 else 10):
+        best = [min((h["val"] for h in runs[name][0]["history"] if h["seconds"] <= limit),
+                    default=float("nan"))
+                for name in names]
+        print(f"    {limit:7} | " + " | ".join(f"{b:9.4f}" for b in best))
 
 
 # ---------------------------------------------------------------------------- ablations of stage 07
@@ -477,155 +504,160 @@ def run_ablation(name, max_iters):
     return {"val": metrics["val_loss"], "full": checkpoint_loss("07_modern", out)}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="*",
-                        help=f"what to measure: some of {', '.join(PARTS)} (default: all)")
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if set(args.parts) - set(PARTS):
-        parser.error(f"unknown parts {sorted(set(args.parts) - set(PARTS))}; choose from {PARTS}")
-    if args.child:
-        kind, *rest = args.child
-        results = {"speed": lambda: measure_training(rest, rounds=8),
-                   # one dtype alone in its process
-                   "memory": lambda: measure_training(rest, rounds=1),
-                   "generate": measure_generation,
-                   "stages": measure_stage_generation,
-                   "transformers": measure_hugging_face_generation,
-                   "steptimes": lambda: measure_step_times(rest),
-                   "ablation": lambda: run_ablation(rest[0], int(rest[1])),
-                   "loss": lambda: {"full": checkpoint_loss(*rest)},
-                   "stops": lambda: measure_stops(*rest),
-                   # flags as JSON: the child's own parser would take them for its own
-                   "adamw": lambda: lora_with_adamw(json.loads(rest[0])),
-                   "qwen3": lambda: qwen3_folder(rest[0]),
-                   "qwen3step": lambda: measure_qwen3_step(*rest),
-                   "timed": lambda: timed(json.loads(rest[0]))}
-        print(json.dumps(results[kind]()))
-        return
+# ------------------------------------------------------------------------------------- the parts
 
+def speed():
+    measured = child("speed", "float32", "auto")
+    fp32, default = measured["float32"], measured["auto"]
+    memory = {dtype: child("memory", dtype)["peak_memory_mb"] for dtype in ("float32", "auto")}
+    print(f"training, preset {measured['preset']} | tokens/s | peak memory")
+    print("  float32 eager             | "
+          f"{fp32['tokens_per_second']:9,.0f} | {memory['float32']:,.0f} MB")
+    print(f"  {'default path (' + default['dtype'] + ')':<26}| "
+          f"{default['tokens_per_second']:9,.0f} | {memory['auto']:,.0f} MB")
+    print("  ratio                     | "
+          f"{default['tokens_per_second'] / fp32['tokens_per_second']:8.2f}x\n")
+
+
+def generation():
+    gen = child("generate")
+    print("generation, shakespeare preset, 500 new tokens | tokens/s")
+    print(f"  without KV cache | {gen['uncached']:7,.0f}")
+    print(f"  with KV cache    | {gen['cached']:7,.0f}")
+    print(f"  ratio            | {gen['cached'] / gen['uncached']:6.2f}x\n")
+    gen = child("stages")
+    print("generation with the KV cache, each stage's cpu preset (random weights), "
+          "500 new tokens | tokens/s")
+    print(f"  06_train_for_real (GPT-2) | {gen['06_train_for_real']:7,.0f}")
+    print(f"  07_modern                 | {gen['07_modern']:7,.0f}")
+    print(f"  ratio 07 / 06             | "
+          f"{gen['07_modern'] / gen['06_train_for_real']:6.2f}x\n")
+    gen = child("transformers")
+    print("greedy generation, a model of SmolLM2-135M's shape (random weights, float32), "
+          "100 new tokens | tokens/s")
+    print(f"  07_modern                 | {gen['07_modern']:7.1f}")
+    print(f"  transformers' generate    | {gen['transformers']:7.1f}")
+    print(f"  ratio                     | {gen['07_modern'] / gen['transformers']:6.2f}x"
+          f" (the same tokens: {'yes' if gen['same_tokens'] else 'no'})\n")
+
+
+def dtype():
+    runs = {"default": command("05_gpt", "--max-new-tokens", "0"),
+            "float32": command("05_gpt", "--max-new-tokens", "0", "--dtype", "float32")}
+    print("python 05_gpt.py: validation loss by step (default path against --dtype float32)")
+    print_curves(runs)
+    print("\nwhole command, startup and evaluations included: "
+          f"default {runs['default'][1]:.0f} s, float32 {runs['float32'][1]:.0f} s\n")
+
+
+def modern():
+    runs = {"05_gpt": command("05_gpt"), "07_modern": command("07_modern")}
+    # 06 trains as 05 does
+    full = {"05_gpt": child("loss", "06_train_for_real",
+                            command("06_train_for_real")[2])["full"],
+            "07_modern": child("loss", "07_modern", runs["07_modern"][2])["full"]}
+    print("python 05_gpt.py and python 07_modern.py, each with its defaults")
+    for name, (metrics, wall, _) in runs.items():
+        print(f"  {name}: the whole command {wall:.0f} s (training and evaluations "
+              f"{metrics['history'][-1]['seconds']:.0f} s, then four samples); "
+              f"val loss {metrics['val_loss']:.4f} as printed, "
+              f"{full[name]:.4f} on the whole validation split")
+    # the same runs evaluated often, alike (20 batches every 50 steps), to draw the curves
+    curves = {name: command(name, "--eval-interval", "50", "--eval-iters", "20",
+                            "--max-new-tokens", "0")
+              for name in runs}
+    print("\nthe same runs, evaluated every 50 steps on 20 batches: "
+          "validation loss by wall-clock time")
+    print_curves(curves)
+    print()
+
+
+def ablations():
+    names = list(ABLATIONS)
+    ms = child("steptimes", *names)
+    budget = ms["as it is"] * stage("07_modern").RECIPES["cpu"]["max_iters"]
+    print("stage 07 with each change taken away, at equal training time "
+          f"({budget / 1000:.0f} s of steps)")
+    print("  change taken away                       | "
+          "ms/step | steps | val loss | whole split")
+    for name in names:
+        steps = round(budget / ms[name])
+        result = child("ablation", name, str(steps))
+        print(f"  {name:<40}| "
+              f"{ms[name]:7.1f} | {steps:5} | {result['val']:8.4f} | {result['full']:.4f}",
+              flush=True)
+
+
+def chat():
+    # 07's default run is deterministic: its model here is, to the last bit, the one a user's
+    # first python 08_chat.py makes into runs/07_modern before fine-tuning it; 08's time leaves
+    # that run out
+    modern_metrics, modern_wall, base = command("07_modern")
+    chat_metrics, chat_wall, folder = command("08_chat", "--init-from", base)
+    print("python 07_modern.py, then python 08_chat.py on its run, each with its defaults: "
+          "whole command")
+    print(f"  07_modern: {modern_wall:.0f} s (val loss {modern_metrics['val_loss']:.4f}) | "
+          f"08_chat: {chat_wall:.0f} s (fine-tuning, demo)")
+    before, after = chat_metrics["history"][0], chat_metrics["history"][-1]
+    print(f"  val reply loss: {before['val']:.4f} before fine-tuning (stage 07's model with its "
+          f"new rows), {after['val']:.4f} after {after['step']} steps")
+    stops = child("stops", base, folder)
+    print(f"  replies to {stops['replies']} val conversations that end their turn within "
+          f"500 new tokens: {stops['before']} before, {stops['after']} after\n")
+
+
+def lora():
+    _, _, base = command("07_modern")
+    (chat_metrics, chat_wall, chat_folder), (lora_metrics, lora_wall, folder) = (
+        command(name, "--init-from", base) for name in ("08_chat", "09_lora"))
     import torch
+    adapters = torch.load(Path(folder) / "ckpt.pt", weights_only=True)["model"]
+    print("python 08_chat.py and python 09_lora.py, each with its defaults, fine-tuning one run "
+          "of python 07_modern.py")
+    print(f"  whole command: 08_chat {chat_wall:.0f} s | 09_lora {lora_wall:.0f} s | ratio "
+          f"{lora_wall / chat_wall:.2f}x")
+    print(f"  parameters {lora_metrics['parameters']:,}, of which trained by 09_lora "
+          f"{sum(t.numel() for t in adapters.values()):,}")
+    sizes = [(Path(f) / "ckpt.pt").stat().st_size / 2**10 for f in (chat_folder, folder, base)]
+    print(f"  checkpoint: 08_chat {sizes[0]:,.0f} KiB | 09_lora {sizes[1]:,.0f} KiB (its base, "
+          f"stage 07's run, {sizes[2]:,.0f} KiB, apart)")
+    for name, metrics in (("08_chat", chat_metrics), ("09_lora", lora_metrics)):
+        before, after = metrics["history"][0], metrics["history"][-1]
+        print(f"  {name}: val reply loss {before['val']:.4f} -> {after['val']:.4f} "
+              f"after {after['step']} steps")
+    stops = child("stops", base, folder, "09_lora")
+    print(f"  09_lora: replies to {stops['replies']} val conversations that end their turn within "
+          f"500 new tokens: {stops['before']} before, {stops['after']} after\n")
 
-    from shared.device import machine
-    parts = args.parts or PARTS
-    print(f"machine: {machine('cpu')}, "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
-          f"Python {platform.python_version()}, PyTorch {torch.__version__}\n")
+    common = ["--init-from", base, "--max-new-tokens", "0"]
+    settings = {"full (rank 0)": ["--lora-rank", "0"],
+                **{f"rank {r}": ["--lora-rank", str(r), "--lora-alpha", str(2 * r)]
+                   for r in (1, 4, 8, 16, 32)},
+                "rank 8, q v only": ["--lora-targets", "q_proj", "v_proj"]}
+    curves = {name: command("09_lora", *common, *flags) for name, flags in settings.items()}
+    for lr in ("1e-3", "2e-3"):
+        curves[f"rank 8, AdamW {lr}"] = (child("adamw", json.dumps([*common, "--lr", lr])), 0,
+                                         None)
+    print("fine-tuning the model of python 07_modern.py on the Shakespeare chat, 80 steps each "
+          "(LoRA: 4x the learning rate, alpha = 2 r)")
+    tokens = lora_metrics["config"]["batch_size"] * lora_metrics["config"]["block_size"]
+    for name, (metrics, _, _) in curves.items():
+        print(f"  {name:<22}| {1000 * tokens / metrics['tokens_per_second']:6.1f} ms/step")
+    print_curves(curves)
 
-    if "speed" in parts:
-        speed = child("speed", "float32", "auto")
-        fp32, default = speed["float32"], speed["auto"]
-        memory = {dtype: child("memory", dtype)["peak_memory_mb"] for dtype in ("float32", "auto")}
-        print(f"training, preset {speed['preset']} | tokens/s | peak memory")
-        print("  float32 eager             | "
-              f"{fp32['tokens_per_second']:9,.0f} | {memory['float32']:,.0f} MB")
-        print(f"  {'default path (' + default['dtype'] + ')':<26}| "
-              f"{default['tokens_per_second']:9,.0f} | {memory['auto']:,.0f} MB")
-        print("  ratio                     | "
-              f"{default['tokens_per_second'] / fp32['tokens_per_second']:8.2f}x\n")
-
-    if "generation" in parts:
-        gen = child("generate")
-        print("generation, shakespeare preset, 500 new tokens | tokens/s")
-        print(f"  without KV cache | {gen['uncached']:7,.0f}")
-        print(f"  with KV cache    | {gen['cached']:7,.0f}")
-        print(f"  ratio            | {gen['cached'] / gen['uncached']:6.2f}x\n")
-        gen = child("stages")
-        print("generation with the KV cache, each stage's cpu preset (random weights), "
-              "500 new tokens | tokens/s")
-        print(f"  06_train_for_real (GPT-2) | {gen['06_train_for_real']:7,.0f}")
-        print(f"  07_modern                 | {gen['07_modern']:7,.0f}")
-        print(f"  ratio 07 / 06             | "
-              f"{gen['07_modern'] / gen['06_train_for_real']:6.2f}x\n")
-        gen = child("transformers")
-        print("greedy generation, a model of SmolLM2-135M's shape (random weights, float32), "
-              "100 new tokens | tokens/s")
-        print(f"  07_modern                 | {gen['07_modern']:7.1f}")
-        print(f"  transformers' generate    | {gen['transformers']:7.1f}")
-        print(f"  ratio                     | {gen['07_modern'] / gen['transformers']:6.2f}x"
-              f" (the same tokens: {'yes' if gen['same_tokens'] else 'no'})\n")
-
-    if "dtype" in parts:
-        runs = {"default": command("05_gpt", "--max-new-tokens", "0"),
-                "float32": command("05_gpt", "--max-new-tokens", "0", "--dtype", "float32")}
-        print("python 05_gpt.py: validation loss by step (default path against --dtype float32)")
-        print_curves(runs)
-        print("\nwhole command, startup and evaluations included: "
-              f"default {runs['default'][1]:.0f} s, float32 {runs['float32'][1]:.0f} s\n")
-
-    if "modern" in parts:
-        runs = {"05_gpt": command("05_gpt"), "07_modern": command("07_modern")}
-        # 06 trains as 05 does
-        full = {"05_gpt": child("loss", "06_train_for_real",
-                                command("06_train_for_real")[2])["full"],
-                "07_modern": child("loss", "07_modern", runs["07_modern"][2])["full"]}
-        print("python 05_gpt.py and python 07_modern.py, each with its defaults")
-        for name, (metrics, wall, _) in runs.items():
-            print(f"  {name}: the whole command {wall:.0f} s (training and evaluations "
-                  f"{metrics['history'][-1]['seconds']:.0f} s, then four samples); "
-                  f"val loss {metrics['val_loss']:.4f} as printed, "
-                  f"{full[name]:.4f} on the whole validation split")
-        # the same runs evaluated often, alike (20 batches every 50 steps), to draw the curves
-        curves = {name: command(name, "--eval-interval", "50", "--eval-iters", "20",
-                                "--max-new-tokens", "0")
-                  for name in runs}
-        print("\nthe same runs, evaluated every 50 steps on 20 batches: "
-              "validation loss by wall-clock time")
-        print_curves(curves)
-        print()
-
-    if "ablations" in parts:
-        names = list(ABLATIONS)
-        ms = child("steptimes", *names)
-        budget = ms["as it is"] * stage("07_modern").RECIPES["cpu"]["max_iters"]
-        print("stage 07 with each change taken away, at equal training time "
-              f"({budget / 1000:.0f} s of steps)")
-        print("  change taken away                       | "
-              "ms/step | steps | val loss | whole split")
-        for name in names:
-            steps = round(budget / ms[name])
-            result = child("ablation", name, str(steps))
-            print(f"  {name:<40}| "
-                  f"{ms[name]:7.1f} | {steps:5} | {result['val']:8.4f} | {result['full']:.4f}",
-                  flush=True)
+    with tempfile.TemporaryDirectory() as qwen3:
+        child("qwen3", qwen3)
+        print("\nfine-tuning a model of Qwen3-0.6B's shape (random weights, 596,049,920 "
+              "parameters), batch 1 x 256 tokens, bfloat16 autocast")
+        print("  rank | trained | ms/step | peak of training | peak of the process | checkpoint")
+        for rank in ("0", "8"):
+            step = child("qwen3step", qwen3, rank)
+            print(f"  {rank:>4} | {step['trained']:>11} | {step['ms_per_step']:7,.0f} | "
+                  f"{step['training_peak_mb'] / 1024:13.1f} GB | {step['peak_mb'] / 1024:16.1f} GB"
+                  f" | {step['checkpoint_mb']:,.0f} MB", flush=True)
 
 
-    if "chat" in parts:
-        runs = {name: command(name) for name in ("07_modern", "08_chat")}
-        (modern, modern_wall, _), (chat, chat_wall, folder) = runs.values()
-        pretrained = json.loads((Path(folder) / "pretrained" / "metrics.json").read_text())
-        print("python 07_modern.py and python 08_chat.py, each with its defaults: whole command")
-        print(f"  07_modern: {modern_wall:.0f} s | 08_chat: {chat_wall:.0f} s (pretraining, "
-              f"fine-tuning, demo) | ratio {chat_wall / modern_wall:.2f}x")
-        print(f"  08_chat's pretraining: val loss {pretrained['val_loss']:.4f} "
-              f"(07_modern: {modern['val_loss']:.4f})")
-        before, after = chat["history"][0], chat["history"][-1]
-        print(f"  val reply loss: {before['val']:.4f} before fine-tuning (the pretrained model "
-              f"with its new rows), {after['val']:.4f} after {after['step']} steps")
-        stops = child("stops", folder)
-        print(f"  replies to {stops['replies']} val conversations that end their turn within "
-              f"500 new tokens: {stops['before']} before, {stops['after']} after\n")
-
-    if "lora" in parts:
-        measure_lora()
-
-    if "corpus" in parts:
-        measure_corpus()
-
-
-def timed(command):
-    """python with command (a list): its wall time, the peak memory of its main process in MB (the
-    only child of this one) and what it printed."""
-    start = time.time()
-    result = subprocess.run([sys.executable, *command], cwd=ROOT, check=True, capture_output=True,
-                            text=True)
-    wall = time.time() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
-    return {"wall": wall, "peak": peak, "printed": result.stdout}
-
-
-def measure_corpus():
+def corpus():
     """Each command from a child of its own, whose only child it is, so that its peak memory is
     its own."""
     from shared.data import get_batch, load_dataset, read_text
@@ -654,84 +686,62 @@ def measure_corpus():
                   f"{(time.perf_counter() - start) / 200 * 1000:.2f} ms (200 batches)")
         flags = ["--tokenizer", "gpt2", "--max-iters", "10", "--eval-interval", "10",
                  "--eval-iters", "10", "--max-new-tokens", "0", "--overwrite"]
-        # the chat stages pretrain on the corpus, then fine-tune on the conversations as always
-        chat = ["--pretrain-iters", "10"]
-        for stage in ("06_train_for_real", "07_modern", "08_chat", "09_lora"):
-            data = "--pretrain-data" if stage in ("08_chat", "09_lora") else "--data"
-            for name, corpus in (("Tiny Shakespeare", []), ("the shards",
-                                                            [data, f"{folder}/shards_1"])):
-                extra = chat if data == "--pretrain-data" else []
-                run = child("timed", json.dumps([f"{stage}.py", *flags, *extra, *corpus, "--out",
-                                                 f"{folder}/run_{stage}"]))
+        for script in ("06_train_for_real", "07_modern"):
+            for name, data in (("Tiny Shakespeare", []),
+                               ("the shards", ["--data", f"{folder}/shards_1"])):
+                run = child("timed", json.dumps([f"{script}.py", *flags, *data, "--out",
+                                                 f"{folder}/run_{script}"]))
                 last = [line for line in run["printed"].splitlines()
                         if line.startswith("step 10:")]
-                print(f"  {stage} on {name} | {run['wall']:.1f} s | {run['peak']:,.0f} MB | "
+                print(f"  {script} on {name} | {run['wall']:.1f} s | {run['peak']:,.0f} MB | "
                       f"{last[0]}", flush=True)
 
 
-def measure_lora():
-    runs = {name: command(name) for name in ("08_chat", "09_lora")}
-    (chat, chat_wall, chat_folder), (lora, lora_wall, folder) = runs.values()
+PARTS = {"speed": speed, "generation": generation, "dtype": dtype, "modern": modern,
+         "ablations": ablations, "chat": chat, "lora": lora, "corpus": corpus}
+
+
+def main():
+    # the docstring's list of the parts, as it is laid out
+    parser = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*",
+                        help=f"what to measure: some of {', '.join(PARTS)} (default: all)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if set(args.parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(set(args.parts) - set(PARTS))}; "
+                     f"choose from {', '.join(PARTS)}")
+    if args.child:
+        kind, *rest = args.child
+        results = {"speed": lambda: measure_training(rest, rounds=8),
+                   # one dtype alone in its process
+                   "memory": lambda: measure_training(rest, rounds=1),
+                   "generate": measure_generation,
+                   "stages": measure_stage_generation,
+                   "transformers": measure_hugging_face_generation,
+                   "steptimes": lambda: measure_step_times(rest),
+                   "ablation": lambda: run_ablation(rest[0], int(rest[1])),
+                   "loss": lambda: {"full": checkpoint_loss(*rest)},
+                   "stops": lambda: measure_stops(*rest),
+                   # flags as JSON: the child's own parser would take them for its own
+                   "adamw": lambda: lora_with_adamw(json.loads(rest[0])),
+                   "qwen3": lambda: qwen3_folder(rest[0]),
+                   "qwen3step": lambda: measure_qwen3_step(*rest),
+                   "timed": lambda: timed(json.loads(rest[0]))}
+        print(json.dumps(results[kind]()))
+        return
+
     import torch
-    adapters = torch.load(Path(folder) / "ckpt.pt", weights_only=True)["model"]
-    print("python 08_chat.py and python 09_lora.py, each with its defaults")
-    print(f"  whole command: 08_chat {chat_wall:.0f} s | 09_lora {lora_wall:.0f} s | ratio "
-          f"{lora_wall / chat_wall:.2f}x")
-    print(f"  parameters {lora['parameters']:,}, of which trained by 09_lora "
-          f"{sum(t.numel() for t in adapters.values()):,}")
-    sizes = [(Path(f) / "ckpt.pt").stat().st_size / 2**10 for f in (chat_folder, folder)]
-    print(f"  checkpoint: 08_chat {sizes[0]:,.0f} KiB | 09_lora {sizes[1]:,.0f} KiB (its base, "
-          f"{(Path(folder) / 'pretrained' / 'ckpt.pt').stat().st_size / 2**10:,.0f} KiB, apart)")
-    for name, metrics in (("08_chat", chat), ("09_lora", lora)):
-        before, after = metrics["history"][0], metrics["history"][-1]
-        print(f"  {name}: val reply loss {before['val']:.4f} -> {after['val']:.4f} "
-              f"after {after['step']} steps")
-    stops = child("stops", folder, "09_lora")
-    print(f"  09_lora: replies to {stops['replies']} val conversations that end their turn within "
-          f"500 new tokens: {stops['before']} before, {stops['after']} after\n")
 
-    base = ["--init-from", str(Path(folder) / "pretrained"), "--max-new-tokens", "0"]
-    settings = {"full (rank 0)": ["--lora-rank", "0"],
-                **{f"rank {r}": ["--lora-rank", str(r), "--lora-alpha", str(2 * r)]
-                   for r in (1, 4, 8, 16, 32)},
-                "rank 8, q v only": ["--lora-targets", "q_proj", "v_proj"]}
-    curves = {name: command("09_lora", *base, *flags) for name, flags in settings.items()}
-    for lr in ("1e-3", "2e-3"):
-        curves[f"rank 8, AdamW {lr}"] = (child("adamw", json.dumps([*base, "--lr", lr])), 0, None)
-    print("fine-tuning the pretrained model of python 09_lora.py on the Shakespeare chat, "
-          "80 steps each (LoRA: 4x the learning rate, alpha = 2 r)")
-    tokens = lora["config"]["batch_size"] * lora["config"]["block_size"]
-    for name, (metrics, _, _) in curves.items():
-        print(f"  {name:<22}| {1000 * tokens / metrics['tokens_per_second']:6.1f} ms/step")
-    print_curves(curves)
-
-    with tempfile.TemporaryDirectory() as qwen3:
-        child("qwen3", qwen3)
-        print("\nfine-tuning a model of Qwen3-0.6B's shape (random weights, 596,049,920 "
-              "parameters), batch 1 x 256 tokens, bfloat16 autocast")
-        print("  rank | trained | ms/step | peak of training | peak of the process | checkpoint")
-        for rank in ("0", "8"):
-            step = child("qwen3step", qwen3, rank)
-            print(f"  {rank:>4} | {step['trained']:>11} | {step['ms_per_step']:7,.0f} | "
-                  f"{step['training_peak_mb'] / 1024:13.1f} GB | {step['peak_mb'] / 1024:16.1f} GB"
-                  f" | {step['checkpoint_mb']:,.0f} MB", flush=True)
-
-
-def print_curves(runs):
-    """Each run's validation loss at each evaluation, and the best reached by wall-clock time."""
-    names = list(runs)
-    for name in names:
-        history = runs[name][0]["history"]
-        print(f"  {name}: " + ", ".join(f"step {h['step']} {h['val']:.4f} ({h['seconds']:.0f} s)"
-                                        for h in history))
-    print("  best validation loss reached by wall-clock time (seconds since training began)")
-    print("    seconds | " + " | ".join(f"{name:>9}" for name in names))
-    longest = max(runs[name][0]["history"][-1]["seconds"] for name in names)
-    for limit in range(10, int(longest) + 10, 5 if longest < 60 else 10):
-        best = [min((h["val"] for h in runs[name][0]["history"] if h["seconds"] <= limit),
-                    default=float("nan"))
-                for name in names]
-        print(f"    {limit:7} | " + " | ".join(f"{b:9.4f}" for b in best))
+    from shared.device import machine
+    print(f"machine: {machine('cpu')}, "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
+          f"Python {platform.python_version()}, PyTorch {torch.__version__}\n")
+    chosen = args.parts or list(PARTS)
+    for name, part in PARTS.items():
+        if name in chosen:
+            part()
 
 
 if __name__ == "__main__":
