@@ -471,6 +471,7 @@ class ChatTemplate:
         self.ids = {marker: tokenizer.vocab_size + i for i, marker in enumerate(self.markers)}
         self.vocab_size = tokenizer.vocab_size + len(self.markers)
         self.end = self.ids["<|end|>"]
+        self.special = set(self.ids.values())
 
     def render(self, messages, reply_next=False):
         """The token ids and, for each, whether it is learned: the assistant's text and its
@@ -518,12 +519,19 @@ def fit(template, conversations, block_size):
 
 
 def fine_tuning_data(args, template, train, val):
-    """fit's examples of the train and val conversations, with what was cut or dropped said."""
+    """fit's examples of the train and val conversations, with what was cut or dropped said, and
+    the context that would keep every one."""
     splits = []
     for name, part in (("train", train), ("val", val)):
         data, cut, dropped = fit(template, part, args.block_size)
-        print(f"{name}: {len(part):,} conversations; in {args.block_size} tokens, {cut:,} cut "
-              f"after a reply, {dropped:,} dropped (their first reply does not fit)")
+        plural = "" if len(part) == 1 else "s"
+        print(f"{name}: {len(part):,} conversation{plural}; in {args.block_size} tokens, "
+              f"{cut:,} cut after a reply, {dropped:,} dropped (their first reply does not fit)")
+        if dropped:
+            # a reply ends after its end token; an example is block_size + 1 tokens
+            needed = max(len(template.render(messages)[0]) for messages in part) - 1
+            print(f"  --block-size {needed:,} would keep all of them whole, with a model that "
+                  "reads that far")
         if not len(data[0]):
             raise UserError(f"no {name} conversation has a first reply that fits in "
                             f"--block-size {args.block_size} tokens; give a longer one")
@@ -1037,14 +1045,18 @@ def chat(model, template, args):
     """--chat: a message a line (from a terminal or a pipe), each reply printed as it is made.
     The conversation is kept, and so is the KV cache: a turn feeds in only the tokens it has not
     seen, and the oldest leave the window as in generate."""
-    print("Talk to the model, a message a line; Ctrl-C stops a reply, Ctrl-D or /quit leaves.")
+    print("Talk to the model, a message a line; Ctrl-C stops a reply; Ctrl-C or Ctrl-D at the "
+          "prompt, or /quit, leaves.")
     messages, fed, cache = [], [], None
     while True:
         try:
             text = input("> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             print()
             return
+        if not sys.stdin.isatty():
+            # from a pipe: the message, as a terminal would have shown it
+            print(text)
         if text.strip() == "/quit":
             return
         messages.append({"role": "user", "content": text})
@@ -1188,6 +1200,9 @@ def sample_only(args, device):
     model, template = load_model(args.init_from or args.out, args.block_size)
     model.eval().to(device)
     if args.chat:
+        # a Ctrl-C in the chat ends a reply, or the chat at its prompt: not a run cut short, so
+        # run() is not told of it, and the exit status stays 0
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         chat(model, template, args)
         return
     if not args.prompt:
@@ -1304,6 +1319,23 @@ def train_everywhere(model, optimizer, tokenizer, train_data, val_data, args, de
     return result
 
 
+def overfitting(history):
+    """A line that says so if the val loss ended above its best, '' if not."""
+    best = min(history, key=lambda h: h["val"])
+    if history[-1]["val"] <= best["val"]:
+        return ""
+    return (f"the val loss rose after step {best['step']} ({best['val']:.4f} -> "
+            f"{history[-1]['val']:.4f}): the model learned its train replies by heart; the "
+            f"checkpoint is the last step's (--max-iters {best['step']} stops earlier)\n")
+
+
+def ended_its_turn(reply, template):
+    """Whether a reply's first special token is its end of turn: it stopped there, with no turn of
+    another speaker begun before it (which the printed text, markers left out, would hide)."""
+    special = [token for token in reply if token in template.special]
+    return bool(special) and special[0] == template.end
+
+
 def print_samples(model, template, prompt, args, device, samplers):
     """args.num_samples replies from each sampler, each to its end of turn (or --max-new-tokens),
     --batch-size at a time so that any number fits. Returns how many ended their turn."""
@@ -1316,7 +1348,7 @@ def print_samples(model, template, prompt, args, device, samplers):
             for row in rows[:, len(prompt):].tolist():
                 print(f"{'-' * 30} {label} {'-' * (49 - len(label))}")
                 print(template.decode(row))
-                ended += template.end in row
+                ended += ended_its_turn(row, template)
     return ended
 
 
@@ -1339,7 +1371,8 @@ def demo(model, template, conversations, args, device):
         ended += print_samples(model, template, prompt, args, device, {"the model's": sampler})
         print()
     print(f"{ended} of {len(shown[:3]) * args.num_samples} replies ended their turn within "
-          f"--max-new-tokens {args.max_new_tokens}")
+          f"--max-new-tokens {args.max_new_tokens}: stopped at their end-of-turn token, no turn "
+          "of another speaker begun before it")
 
 
 def main(argv=None):
@@ -1360,7 +1393,8 @@ def main(argv=None):
                                             val_conversations)
     check_token_ids([train_data[0], val_data[0]], model.config.vocab_size,
                     args.init_from or checkpoint_path(args))
-    print("fine-tuning on conversations: the loss is on the replies only")
+    print("fine-tuning on conversations: the losses are on the replies alone (their text and "
+          "end-of-turn tokens), bits/char per character of their text")
     optimizer = configure_optimizer(model, args)
     step, history = 0, []
     if checkpoint:
@@ -1382,6 +1416,7 @@ def main(argv=None):
             "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
             "val_bpc": history[-1]["val_bpc"]})
         print(f"metrics written to {path}")
+        print(overfitting(history), end="")
     if stopped_by == signal.SIGTERM:
         # the job is being stopped: no demo; run() exits with status 143
         return stopped_by

@@ -58,7 +58,7 @@ def load_conversations(path=None):
         return shakespeare_conversations(read_text())
     found, skipped = read_conversations(path)
     if skipped:
-        print(f"{skipped} conversation(s) of {path} have no assistant turn: skipped")
+        print(f"{skipped} of the conversations of {path} had no assistant turn: skipped")
     if len(found) < 2:
         raise UserError(f"--data {path} has one conversation to learn from; give it at least "
                         "two, for training and validation")
@@ -125,6 +125,9 @@ class HuggingFaceChat:
                             "not a special token that could end its turn")
         self.end_text = max(ends, key=len)
         self.end = self.tokenizer.convert_tokens_to_ids(self.end_text)
+        # the tokens that mark turns, which a reply's text never holds
+        self.special = {i for i, token in self.tokenizer.added_tokens_decoder.items()
+                        if token.special}
 
     def render(self, messages, reply_next=False):
         """The conversation's token ids and, for each, whether it is learned: a reply's text and

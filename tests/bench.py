@@ -221,7 +221,8 @@ def checkpoint_loss(name, folder):
 def measure_stops(base, tuned, name="08_chat", conversations=50, new_tokens=500):
     """Of the replies of the model in base, a run of stage 07 (before fine-tuning, with its chat
     template's new rows), and of the one that stage name fine-tuned from it into tuned, to the
-    first message(s) of the first val conversations, how many end their turn within new_tokens;
+    first message(s) of the first val conversations, how many end their turn within new_tokens
+    (the stage's ended_its_turn: at its end token, no turn of another speaker begun before it);
     one reply each, sampled at temperature 1 from a fixed seed."""
     import torch
 
@@ -239,7 +240,7 @@ def measure_stops(base, tuned, name="08_chat", conversations=50, new_tokens=500)
             prompt, _ = template.render(messages[:first_reply], reply_next=True)
             row = m.generate(model.eval(), torch.tensor([prompt]), new_tokens,
                              stop=template.end)[0, len(prompt):]
-            ended[when] += template.end in row.tolist()
+            ended[when] += m.ended_its_turn(row.tolist(), template)
     return {**ended, "replies": conversations}
 
 

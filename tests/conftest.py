@@ -45,6 +45,13 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)
 
 
+@pytest.fixture(autouse=True)
+def in_a_folder_of_its_own(tmp_path, monkeypatch):
+    """Each test runs in a temporary folder of its own, so that what a stage writes by default
+    (runs/<stage>) never lands in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def quick_flags(name, out=None, base=None):
     """Flags for a quick run of stage name (writing into out, if given); a chat stage fine-tunes
     base, the folder of the base fixture."""

@@ -2,7 +2,9 @@
 import contextlib
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -13,6 +15,7 @@ from torch.nn import functional as F
 
 from conftest import QUICK, ROOT, SMALL_BATCH, build_model, load_stage, quick_flags, stage_error
 from shared import UserError
+from shared.cli import run
 from shared.conversations import HuggingFaceChat
 from shared.tokenizer import CharTokenizer, HuggingFaceTokenizer
 
@@ -191,8 +194,68 @@ def test_chat_prints_whole_characters_and_a_ctrl_c_stops_only_the_reply(shakespe
     model = types.SimpleNamespace(block_size=64, h=[])
     chat.chat(model, template, types.SimpleNamespace())
     printed = capsys.readouterr().out
-    assert "> Café!\n" in printed and "\ufffd" not in printed
+    assert "> Hello.\nCafé!\n" in printed and "\ufffd" not in printed
     assert len(caches) == 3 and caches[2] is not caches[1]
+
+
+def test_the_chat_leaves_with_status_0_after_a_ctrl_c_in_a_reply_or_at_its_prompt(
+        trained, monkeypatch, capsys):
+    """A Ctrl-C (a real SIGINT) stops the first reply; the chat goes on, and Ctrl-D then leaves
+    with status 0, as does a Ctrl-C at the prompt."""
+    folder, _ = trained
+
+    def stream(model, new_ids, cache, stop, args):
+        yield new_ids[0]
+        os.kill(os.getpid(), signal.SIGINT)
+        yield stop
+
+    class CtrlCAtThePrompt(io.StringIO):
+        def readline(self, *size):
+            line = super().readline(*size)
+            if not line:
+                os.kill(os.getpid(), signal.SIGINT)
+            return line
+
+    monkeypatch.setattr(chat, "stream", stream)
+    for stdin in (io.StringIO("Hello.\nAgain.\n"), CtrlCAtThePrompt("Hello.\n")):
+        monkeypatch.setattr(sys, "stdin", stdin)
+        run(lambda: chat.main(["--chat", "--out", str(folder)]))  # no SystemExit: status 0
+        printed = capsys.readouterr()
+        assert "Ctrl-C or Ctrl-D at the prompt, or /quit, leaves" in printed.out
+        assert printed.out.count("> ") == 1 + stdin.getvalue().count("\n")
+        assert printed.err == ""
+
+
+def test_a_reply_ends_its_turn_only_at_its_end_token_with_no_other_turn_begun(template):
+    text = template.tokenizer.encode("Nay.")
+    user = template.ids["<|user|>"]
+    assert chat.ended_its_turn([*text, template.end], template)
+    assert not chat.ended_its_turn(text, template)
+    # it wrote the user's next turn itself before it stopped: text that looks like one reply
+    assert not chat.ended_its_turn([*text, user, *text, template.end], template)
+    assert template.decode([*text, user, *text]) == "Nay.Nay."
+
+
+def test_dropped_conversations_name_the_context_that_keeps_them_whole(template, capsys):
+    whole = len(template.render(CONVERSATION)[0])
+    short = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Yo."}]
+    args = types.SimpleNamespace(block_size=12)
+    chat.fine_tuning_data(args, template, [short, CONVERSATION], [short])
+    out = capsys.readouterr().out
+    assert "train: 2 conversations; in 12 tokens, 0 cut after a reply, 1 dropped" in out
+    assert "val: 1 conversation; " in out
+    assert f"  --block-size {whole - 1} would keep all of them whole" in out
+    args.block_size = whole - 1
+    _, cut, dropped = chat.fit(template, [CONVERSATION], args.block_size)
+    assert (cut, dropped) == (0, 0)
+
+
+def test_a_val_loss_that_rose_at_the_end_is_said():
+    history = [{"step": step, "val": val} for step, val in ((0, 1.9), (20, 1.6), (40, 1.7))]
+    assert chat.overfitting(history).startswith("the val loss rose after step 20 (1.6000 -> "
+                                                "1.7000)")
+    assert "--max-iters 20 stops earlier" in chat.overfitting(history)
+    assert chat.overfitting(history[:2]) == ""
 
 
 def test_without_init_from_stage_07s_default_run_is_made_first_and_fine_tuned(
@@ -263,8 +326,8 @@ def test_bad_conversations_are_refused_or_skipped_and_counted(capsys, tmp_path, 
     folder = tmp_path / "run"
     chat.main([*quick_flags("08_chat", folder, base), "--data", data])
     out = capsys.readouterr().out
-    assert "1 conversation(s) of" in out and "have no assistant turn: skipped" in out
-    assert "train: 1 conversations; in 64 tokens, 0 cut" in out and "val: 1 conversations" in out
+    assert "1 of the conversations of" in out and "had no assistant turn: skipped" in out
+    assert "train: 1 conversation; in 64 tokens, 0 cut" in out and "val: 1 conversation;" in out
     one = write_jsonl(tmp_path / "one.jsonl", [good, alone])
     assert "has one conversation to learn from" in stage_error(
         capsys, chat.main, "--data", one, "--out", str(tmp_path / "one"))

@@ -79,6 +79,9 @@ def tiny_model():
 def step_on_each_rank(rank, x, y, store, saved):
     """One DDP step over Gloo on rank's half of the rows, in a process forked from the test's,
     which starts at once where a new interpreter takes seconds."""
+    # a fork keeps none of the parent's OpenMP threads: with more than one, the first parallel
+    # operation waits for them forever (when the tests run in one process, without xdist)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     model = tiny_model()
     half = len(x) // 2
