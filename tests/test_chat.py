@@ -301,7 +301,7 @@ def test_fine_tuning_lowers_the_val_reply_loss_and_ends_with_a_demo(trained):
               for line in out.splitlines() if "val loss" in line]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert "------------------------------ real reply" in out
-    assert "of 3 replies ended their turn within --max-new-tokens 40" in out
+    assert "of 3 replies ended the turn within --max-new-tokens 40: stopped at" in out
 
 
 def write_jsonl(path, lines):

@@ -17,7 +17,9 @@ BUDGETS = {("01_bigram", "02_single_head"): 610, ("02_single_head", "03_multi_he
            # the chat template, the loss on the replies, stopping, --chat (3,339 tokens at first),
            # and post-training's own trunk: a trained model loaded (or made) as the one thing
            # fine-tuning starts from, and pretraining's presets, corpora and HellaSwag left out
-           ("07_modern", "08_chat"): 4550,
+           # (4,158); then a reply that ended its turn told from one that spoke the next turn, the
+           # context that keeps dropped conversations, a val loss that rose said (4,525)
+           ("07_modern", "08_chat"): 4980,
            # 2,000 at first; then the merged model's own writer and the adapters' base named in
            # the docstring
            ("08_chat", "09_lora"): 2250}

@@ -6,9 +6,10 @@ import pytest
 
 from conftest import ALL_STAGES, ROOT, load_stage
 from shared import cli
+from shared import notebook as shared_notebook
 
 jupytext = pytest.importorskip("jupytext")
-nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("nbclient")
 
 
 def cell_markers(name):
@@ -62,8 +63,10 @@ def test_a_stage_runs_in_a_jupyter_kernel_as_it_runs_from_the_command_line(tmp_p
         "notebook_flags = []", f"notebook_flags = {[*flags, '--out', str(tmp_path / 'nb')]}")
     # the kernel runs in tmp_path, and imports shared from here
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    nbclient.NotebookClient(notebook, kernel_name="python3", timeout=300,
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    capsys.readouterr()
+    shared_notebook.execute(notebook, tmp_path)
+    # printed here as it came, and kept in the notebook
+    as_it_came = capsys.readouterr().out
     outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
     printed = "".join(output.get("text", "") for output in outputs
                       if output.output_type == "stream")
@@ -80,5 +83,15 @@ def test_a_stage_runs_in_a_jupyter_kernel_as_it_runs_from_the_command_line(tmp_p
                                           "--eval-iters", "2", "--out", str(tmp_path / "script")])
     script = capsys.readouterr().out
     assert len(losses(printed)) == 3 and losses(printed) == losses(script)
+    assert losses(as_it_came) == losses(printed)
     greedy = script.split("-" * 30 + " greedy")[1].split("\n" + "-" * 30)[0]
     assert len(greedy) > 40 and greedy in printed.split("-" * 30 + " greedy")[1]
+
+
+def test_the_notebook_command_refuses_what_it_cannot_run_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(lambda: shared_notebook.main(["no_such_stage.py"]),
+                prog="python -m shared.notebook")
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err == ("python -m shared.notebook: error: no_such_stage.py: "
+                                             "no such file")
