@@ -27,7 +27,7 @@ HELP = {
     "grad_accum_steps": "batches whose gradients are summed per optimizer step",
 }
 NONNEGATIVE = {"seed", "max_new_tokens", "temperature", "warmup_iters", "weight_decay",
-               "lora_rank"}
+               "lora_rank", "sft_weight"}
 
 
 class Parser(argparse.ArgumentParser):

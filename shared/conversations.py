@@ -38,17 +38,68 @@ def parse_conversation(line):
         raise ValueError(f"not JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         raise ValueError('not an object with a "messages" list')
-    if not record["messages"]:
-        raise ValueError("no messages")
-    for i, message in enumerate(record["messages"], start=1):
+    return checked_messages(record["messages"])
+
+
+def checked_messages(messages, what="message"):
+    """A list of messages, each its role and content only; a ValueError saying in a few words what
+    keeps it from being one (what: how to name a message)."""
+    if not messages:
+        raise ValueError(f"no {what}s")
+    for i, message in enumerate(messages, start=1):
         if not isinstance(message, dict):
-            raise ValueError(f"message {i} is not an object with a role and a content")
+            raise ValueError(f"{what} {i} is not an object with a role and a content")
         if message.get("role") not in ROLES:
-            raise ValueError(f"message {i} has the role {message.get('role')!r}, "
+            raise ValueError(f"{what} {i} has the role {message.get('role')!r}, "
                              f"not one of {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
-            raise ValueError(f"message {i} has no text as its content")
-    return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+            raise ValueError(f"{what} {i} has no text as its content")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def parse_preference(line):
+    """One JSONL line in trl's conversational preference format, {"prompt": [messages], "chosen":
+    [a reply], "rejected": [a reply]}: the prompt's messages and the two replies' texts; a
+    ValueError saying in a few words what keeps the line from being a preference."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not JSON ({err.msg} at column {err.colno})") from None
+    keys = ("prompt", "chosen", "rejected")
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), list) for k in keys):
+        raise ValueError('not an object with "prompt", "chosen" and "rejected" lists')
+    pair = {"prompt": checked_messages(record["prompt"], "prompt message")}
+    for key in ("chosen", "rejected"):
+        reply = checked_messages(record[key], f"{key} message")
+        if len(reply) != 1 or reply[0]["role"] != "assistant":
+            raise ValueError(f'"{key}" is not one message of the assistant\'s')
+        pair[key] = reply[0]["content"]
+    return pair
+
+
+def read_preferences(path):
+    """The pairs of a JSONL file of preferences, a line each (parse_preference): a prompt and its
+    chosen and rejected replies."""
+    pairs = []
+    for number, line in enumerate(read_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            pairs.append(parse_preference(line))
+        except ValueError as problem:
+            raise UserError(f"--data {path}, line {number}: {problem}") from None
+    return pairs
+
+
+def load_preferences(path):
+    """The train and val pairs of a JSONL file of preferences (read_preferences), split 90/10 in
+    the file's order."""
+    pairs = read_preferences(path)
+    if len(pairs) < 2:
+        raise UserError(f"--data {path} holds fewer than two preference pairs; give it at least "
+                        "two, for training and validation")
+    n = min(int(0.9 * len(pairs)), len(pairs) - 1)
+    return pairs[:n], pairs[n:]
 
 
 def load_conversations(path=None):

@@ -29,8 +29,10 @@ METRICS_FIELDS = {
     "tokens_per_second": "training tokens per second, evaluation excluded",
     "train_loss": "the last evaluation's train loss",
     "val_loss": "the last evaluation's val loss",
-    "val_bpc": "the last val loss in bits per character, comparable across tokenizers",
+    "val_bpc": "the last val loss in bits per character, comparable across tokenizers (null for "
+               "a loss that has none, DPO's)",
 }
+
 
 def pyplot():
     import matplotlib
@@ -62,17 +64,36 @@ def show(path):
         display(Image(filename=str(path)))
 
 
+# what a preference stage logs besides its loss, as trl logs it
+PREFERENCE_STATISTICS = {"chosen": "reward of chosen", "rejected": "reward of rejected",
+                         "margin": "margin", "accuracy": "accuracy"}
+
+
 def plot_losses(metrics, path):
-    """loss.png: the train and val loss of one run against the training step."""
+    """loss.png: the train and val loss of one run against the training step; beside them, where
+    the history has them (DPO), the val rewards of the chosen and rejected replies, their margin
+    and how often the chosen one is ahead."""
     plt = pyplot()
-    steps = [h["step"] for h in metrics["history"]]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [h["train"] for h in metrics["history"]], "o-", label="train")
-    ax.plot(steps, [h["val"] for h in metrics["history"]], "o-", label="val")
-    ax.set(xlabel="step", ylabel="loss (nats per token)",
+    history = metrics["history"]
+    steps = [h["step"] for h in history]
+    preferences = "val_margin" in history[-1]
+    fig, axes = plt.subplots(1, 2 if preferences else 1, figsize=(11 if preferences else 6, 4),
+                             squeeze=False)
+    ax = axes[0][0]
+    ax.plot(steps, [h["train"] for h in history], "o-", label="train")
+    ax.plot(steps, [h["val"] for h in history], "o-", label="val")
+    unit = "" if preferences else " (nats per token)"
+    ax.set(xlabel="step", ylabel=f"loss{unit}",
            title=f"{metrics['stage']}: val loss {metrics['val_loss']:.3f} after {steps[-1]} steps")
     ax.grid(alpha=0.3)
     ax.legend()
+    if preferences:
+        ax = axes[0][1]
+        for key, label in PREFERENCE_STATISTICS.items():
+            ax.plot(steps, [h[f"val_{key}"] for h in history], "o-", label=label)
+        ax.set(xlabel="step", title="val pairs: rewards (beta x log-probability gained)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -214,6 +235,11 @@ def minutes_seconds(seconds):
     return f"{seconds // 60:.0f}:{seconds % 60:04.1f}"
 
 
+def bits_per_character(metrics):
+    """A run's last val loss in bits per character, or a dash where it has none (DPO's)."""
+    return "–" if metrics["val_bpc"] is None else f"{metrics['val_bpc']:.3f}"
+
+
 def table(runs):
     """The runs as a Markdown table, one row each, named by the run's folder, with what its stage
     adds (the first line of the stage's docstring)."""
@@ -224,7 +250,7 @@ def table(runs):
     for m, differing in zip(runs, differences(runs), strict=True):
         lines.append(f"| {m['run']} | {m['stage']} | {adds.get(m['stage'], '')} | "
                      f"{differing} | {m['parameters']:,} | {m['val_loss']:.4f} | "
-                     f"{m['val_bpc']:.3f} | {minutes_seconds(m['history'][-1]['seconds'])} | "
+                     f"{bits_per_character(m)} | {minutes_seconds(m['history'][-1]['seconds'])} | "
                      f"{m['machine']} |")
     return "\n".join(lines) + "\n"
 
