@@ -607,6 +607,13 @@ class DPO(nn.Module):
         # what a resumed run checks its reference against
         self.reference_digest = None if reference is None else weights_digest(reference)
 
+    def train(self, mode=True):
+        """Train or evaluate the policy; a reference copy stays in eval mode, with no dropout."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
     def forward(self, x, y):
         logps = sequence_logps(self.policy, x, y)
         with torch.no_grad():
@@ -1525,11 +1532,15 @@ def print_samples(model, template, prompt, args, device, samplers):
 
 
 def demo(dpo, template, pairs, args, device):
-    """The model's replies to the first val prompts, next to the preferred ones; then SAMPLES
+    """The model's replies to the first three val prompts, next to a preferred one; then SAMPLES
     replies of the reference and as many of the model to every val prompt, the same seed for
     both, and how many of each ended their turn in the room the context leaves: the property the
     pairs made from Tiny Shakespeare prefer."""
-    for pair in pairs[:3]:
+    # each prompt once: a prompt of the default pairs may have several
+    firsts = {}
+    for pair in pairs:
+        firsts.setdefault(json.dumps(pair["prompt"]), pair)
+    for pair in list(firsts.values())[:3]:
         for message in pair["prompt"]:
             print(f"{message['role']}: {message['content']}")
         print(f"{'-' * 30} preferred reply {'-' * 34}")
@@ -1538,7 +1549,6 @@ def demo(dpo, template, pairs, args, device):
         sampler = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         print_samples(dpo.policy, template, prompt, args, device, {"the model's": sampler})
         print()
-    # each prompt once: a prompt of the default pairs may have several
     rendered = {tuple(template.render(pair["prompt"], reply_next=True)[0]) for pair in pairs}
     prompts = [list(prompt) for prompt in sorted(rendered)] * SAMPLES
     reference = dpo.policy if dpo.reference is None else dpo.reference

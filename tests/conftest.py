@@ -1,6 +1,8 @@
 import contextlib
 import importlib
 import io
+import itertools
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,10 +22,11 @@ from shared.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["01_bigram", "02_single_head", "03_multi_head", "04_block"]  # built by build_model below
-GPT_STAGES = ["05_gpt", "06_train_for_real", "07_modern", "08_chat", "09_lora"]
+GPT_STAGES = ["05_gpt", "06_train_for_real", "07_modern", "08_chat", "09_lora", "10_dpo"]
 ALL_STAGES = STAGES + GPT_STAGES
-# the stages that fine-tune a trained model on conversations (post-training)
-CHAT_STAGES = ["08_chat", "09_lora"]
+# the stages that tune a trained model (post-training): on conversations, then on preferences
+POST_TRAINING = ["08_chat", "09_lora", "10_dpo"]
+PREFERENCES = ["10_dpo"]
 # a few steps of any stage
 QUICK = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2", "--max-new-tokens", "0",
          "--seed", "0"]
@@ -53,12 +56,13 @@ def in_a_folder_of_its_own(tmp_path, monkeypatch):
 
 
 def quick_flags(name, out=None, base=None):
-    """Flags for a quick run of stage name (writing into out, if given); a chat stage fine-tunes
-    base, the folder of the base fixture."""
-    assert (base is not None) == (name in CHAT_STAGES), "the chat stages, and only they, need base"
+    """Flags for a quick run of stage name (writing into out, if given); a post-training stage
+    tunes base, the folder of the base fixture, and stage 10 on the preference pairs there."""
+    assert (base is not None) == (name in POST_TRAINING), "post-training stages need base"
     return [*QUICK, *(SMALL_BATCH if name in GPT_STAGES else []),
-            *(SMALL_GPT if name in GPT_STAGES and name not in CHAT_STAGES else []),
+            *(SMALL_GPT if name in GPT_STAGES and name not in POST_TRAINING else []),
             *(["--init-from", str(base)] if base else []),
+            *(["--data", str(Path(base) / PAIRS)] if name in PREFERENCES else []),
             *(["--out", str(out)] if out else [])]
 
 
@@ -122,12 +126,29 @@ def base(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
     with contextlib.redirect_stdout(io.StringIO()):
         load_stage("07_modern").main([*quick_flags("07_modern", out), "--block-size", "64"])
+    write_preferences(out / PAIRS)
     return out
+
+
+# beside the base: preference pairs for stage 10, so that its quick runs make none of their own
+PAIRS = "preferences.jsonl"
+
+
+def write_preferences(path, count=40):
+    """count of Tiny Shakespeare's short exchanges as preference pairs in trl's format: the real
+    reply chosen, the next exchange's reply rejected."""
+    from shared.conversations import load_conversations
+    train, _ = load_conversations()
+    short = [c[:2] for c in train if len(c[0]["content"]) + len(c[1]["content"]) < 50][:count + 1]
+    lines = [json.dumps({"prompt": [first[0]], "chosen": [first[1]], "rejected": [second[1]]})
+             for first, second in itertools.pairwise(short)]
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
 
 
 def stage_base(name, base):
     """base for a chat stage, None for the others: quick_flags' last argument."""
-    return base if name in CHAT_STAGES else None
+    return base if name in POST_TRAINING else None
 
 
 @pytest.fixture(scope="session")

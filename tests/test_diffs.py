@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from conftest import ALL_STAGES, CHAT_STAGES, ROOT
+from conftest import ALL_STAGES, POST_TRAINING, PREFERENCES, ROOT
 from shared.site import changed_tokens
 
 PAIRS = list(itertools.pairwise(ALL_STAGES))
@@ -22,7 +22,10 @@ BUDGETS = {("01_bigram", "02_single_head"): 610, ("02_single_head", "03_multi_he
            ("07_modern", "08_chat"): 4980,
            # 2,000 at first; then the merged model's own writer and the adapters' base named in
            # the docstring
-           ("08_chat", "09_lora"): 2250}
+           ("08_chat", "09_lora"): 2250,
+           # preference pairs, made from the model's own replies by default, DPO's loss and its
+           # reference (adapters off, or a frozen copy), trl's statistics, the measured property
+           ("09_lora", "10_dpo"): 3750}
 # the loop of 01-04, whole
 COMMON = ["estimate_loss", "progress", "check_finite", "train", "generate"]
 # The definitions each stage takes over from the one before without changing a character.
@@ -72,6 +75,19 @@ UNCHANGED = {
                              "chat", "DATA_HELP", "checkpoint_path", "starting_checkpoint",
                              "trained_at", "start_processes", "sample_only", "make_base",
                              "train_everywhere", "print_samples", "demo"],
+    # DPO changes what a batch is and its loss; the model, LoRA, loading and sampling are 09's
+    ("09_lora", "10_dpo"): ["GPTConfig", "KVCache", "rope_table", "rotate", "CausalSelfAttention",
+                            "causal_attention_weights", "MLP", "Block", "unsupported",
+                            "hugging_face_name", "GPT", "grow_vocabulary", "TARGETS", "TABLES",
+                            "add_lora", "adapter_state", "merge", "ChatTemplate", "progress",
+                            "check_finite", "resolve_dtype", "autocast", "Optimizers",
+                            "configure_optimizer", "learning_rate", "train_step", "StopOnSignal",
+                            "rng_states", "set_rng_state", "save_merged", "model_from_checkpoint",
+                            "check_resumable", "stage_folder", "load_model", "lora_model",
+                            "greedy", "top_k_filter", "top_p_filter", "sample_next", "generate",
+                            "stream", "chat", "checkpoint_path", "starting_checkpoint",
+                            "trained_at", "start_processes", "sample_only", "merge_only",
+                            "make_base", "describe", "ended_its_turn", "print_samples"],
 }
 # main's steps, in this order: of the stages that build a model and train it from scratch, and of
 # those that fine-tune a trained one (post-training)
@@ -79,6 +95,9 @@ SKELETON = ["parse_args", "select_device", "load_dataset", "build_model", "train
             "plot_attention", "generate"]
 POST_TRAINING_SKELETON = ["parse_args", "select_device", "load_conversations", "load_model",
                           "train", "save_metrics", "plot_attention", "generate"]
+# (stage 10 samples its default pairs from the model before it trains)
+PREFERENCE_SKELETON = ["parse_args", "select_device", "load_preferences", "load_model", "generate",
+                       "train", "save_metrics", "plot_attention"]
 # main's other paths, which end the run before training: sampling alone, merging adapters
 OTHER_PATHS = ["sample_only", "merge_only"]
 
@@ -121,10 +140,16 @@ def main_calls(found, steps=SKELETON):
     return calls("main")
 
 
+def skeleton_of(name):
+    if name in PREFERENCES:
+        return PREFERENCE_SKELETON
+    return POST_TRAINING_SKELETON if name in POST_TRAINING else SKELETON
+
+
 def main_steps(name, source=None):
     """The steps of main's training path in the order it first takes them: its calls that are
     steps of the skeleton, each where it is first called."""
-    skeleton = POST_TRAINING_SKELETON if name in CHAT_STAGES else SKELETON
+    skeleton = skeleton_of(name)
     calls = main_calls(definitions(name, source), skeleton)
     return list(dict.fromkeys(call for call in calls if call in skeleton))
 
@@ -148,7 +173,7 @@ def test_consecutive_stages_differ_only_by_their_concept(pair):
 
 @pytest.mark.parametrize("name", ALL_STAGES)
 def test_main_has_the_same_skeleton_in_every_stage(name):
-    skeleton = POST_TRAINING_SKELETON if name in CHAT_STAGES else SKELETON
+    skeleton = skeleton_of(name)
     # a table has no attention to plot
     assert main_steps(name) == [step for step in skeleton
                                 if step != "plot_attention" or name != "01_bigram"]

@@ -15,8 +15,9 @@ import torch
 
 from conftest import (
     ALL_STAGES,
-    CHAT_STAGES,
     GPT_STAGES,
+    POST_TRAINING,
+    PREFERENCES,
     ROOT,
     build_model,
     load_stage,
@@ -40,20 +41,23 @@ def assert_image(path, min_side=300):
 
 
 def trained(printed, name):
-    """What a run printed from its training on: the chat stage pretrains first, then fine-tunes."""
-    return printed[name].split("fine-tuning on conversations")[-1]
+    """What a run printed from its training on (post-training says first what it tunes on)."""
+    return re.split("fine-tuning on conversations|DPO on preference pairs", printed[name])[-1]
 
 
 @pytest.mark.parametrize("name", ALL_STAGES)
 def test_runs_end_to_end(runs, name):
     root, printed = runs
     out = trained(printed, name)
-    lines = re.findall(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4}), "
-                       r"val (\d+\.\d{3}) bits/char", out, re.M)
+    # DPO's line has its margin and accuracy where the others have bits per character
+    last = (r"val margin -?\d+\.\d{3}, accuracy \d\.\d\d" if name in PREFERENCES
+            else r"val (\d+\.\d{3}) bits/char")
+    lines = re.findall(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4}), " + last,
+                       out, re.M)
     assert [int(step) for step, *_ in lines] == [0, 3, 6]
     assert "ms/step" in out and "left" in out
     separator = r"^-{30} top-p 0\.9 -+\n" if name in GPT_STAGES else "^-{80}\n"
-    if name in CHAT_STAGES:
+    if name in POST_TRAINING:
         separator = r"^-{30} the model's -+\n"
     sample = re.split(separator, out, flags=re.M)[-1]
     assert len(sample) >= 40  # 40 new characters after the start token
@@ -71,7 +75,7 @@ def test_metrics_follow_the_schema_and_the_printed_losses(runs, name):
     assert report.read_runs([root / name]) == [{"run": name, **metrics}]
     assert metrics["stage"] == name and metrics["config"]["max_iters"] == 6
     # the chat stages' template adds 4 tokens
-    markers = 4 if name in CHAT_STAGES else 0
+    markers = 4 if name in POST_TRAINING else 0
     assert (metrics["tokenizer"]["kind"] == "char"
             and metrics["vocab_size"] == len(metrics["tokenizer"]["chars"]) + markers)
     assert f"{metrics['parameters']:,} parameters" in trained(printed, name)
@@ -84,8 +88,12 @@ def test_metrics_follow_the_schema_and_the_printed_losses(runs, name):
     assert seconds == sorted(seconds) and metrics["tokens_per_second"] > 0
     last = metrics["history"][-1]
     assert (metrics["train_loss"], metrics["val_loss"]) == (last["train"], last["val"])
-    # one token is one character; in the chat stages' replies an end token has none
-    if name in CHAT_STAGES:
+    # one token is one character; in the chat stages' replies an end token has none; DPO's loss
+    # is no loss of predicting text, and has no bits per character, but trl's statistics
+    if name in PREFERENCES:
+        assert metrics["val_bpc"] is None and 0 <= last["val_accuracy"] <= 1
+        assert last["val_margin"] == pytest.approx(last["val_chosen"] - last["val_rejected"])
+    elif name in POST_TRAINING:
         assert metrics["val_bpc"] > last["val"] / math.log(2)
     else:
         assert metrics["val_bpc"] == pytest.approx(last["val"] / math.log(2))

@@ -7,22 +7,26 @@ import signal
 
 import pytest
 
-from conftest import CHAT_STAGES, ROOT, load_stage, quick_flags, stage_base, stage_error
+from conftest import POST_TRAINING, ROOT, load_stage, quick_flags, stage_base, stage_error
 from shared import prepare
 
-RESUMABLE = ["06_train_for_real", "07_modern", "08_chat", "09_lora"]
+# each stage that keeps checkpoints, and DPO again with a frozen copy of its model as the
+# reference (which a resumed run loads again)
+RESUMABLE = [(name, []) for name in ["06_train_for_real", "07_modern", "08_chat", "09_lora",
+                                     "10_dpo"]] + [("10_dpo", ["--lora-rank", "0"])]
 
 
 def history(out):
     return json.loads((out / "metrics.json").read_text())["history"]
 
 
-@pytest.mark.parametrize("name", RESUMABLE)
-def test_ctrl_c_then_resume_gives_the_losses_of_an_uninterrupted_run(name, base, tmp_path,
+@pytest.mark.parametrize("name,extra", RESUMABLE,
+                         ids=[" ".join([name, *extra]) for name, extra in RESUMABLE])
+def test_ctrl_c_then_resume_gives_the_losses_of_an_uninterrupted_run(name, extra, base, tmp_path,
                                                                       monkeypatch, capsys):
     stage = load_stage(name)
     flags = [*quick_flags(name, base=stage_base(name, base)), "--dropout", "0.1",
-             "--max-iters", "12", "--eval-interval", "4"]
+             "--max-iters", "12", "--eval-interval", "4", *extra]
     if name == "06_train_for_real":
         # from token shards, Tiny Shakespeare in four, which batches cross
         prepare.prepare([str(ROOT / "data" / "tinyshakespeare.txt")], tmp_path / "shards",
@@ -30,7 +34,7 @@ def test_ctrl_c_then_resume_gives_the_losses_of_an_uninterrupted_run(name, base,
         flags += ["--data", str(tmp_path / "shards")]
     stage.main([*flags, "--out", str(tmp_path / "whole")])
     # the chat stages stop in their first step: what follows comes from their own random state
-    stop_at = 0 if name in CHAT_STAGES else 6
+    stop_at = 0 if name in POST_TRAINING else 6
     train_step = stage.train_step
 
     def step_with_ctrl_c(model, optimizer, batches, args, step, *rest):

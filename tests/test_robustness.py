@@ -11,14 +11,16 @@ import torch
 
 from conftest import (
     ALL_STAGES,
-    CHAT_STAGES,
     GPT_STAGES,
+    PAIRS,
+    POST_TRAINING,
     ROOT,
     STAGES,
     load_stage,
     quick_flags,
     stage_base,
     stage_error,
+    write_preferences,
 )
 from shared.cli import run
 from shared.data import get_batch
@@ -43,7 +45,7 @@ BAD_SHAPES = [
 
 @pytest.mark.parametrize("name,flags,message", [
     *((name, *case) for name in GPT_STAGES for case in BAD_FLAGS),
-    *((name, *case) for name in GPT_STAGES if name not in CHAT_STAGES for case in BAD_SHAPES)])
+    *((name, *case) for name in GPT_STAGES if name not in POST_TRAINING for case in BAD_SHAPES)])
 def test_bad_flags(capsys, name, flags, message):
     assert message in stage_error(capsys, load_stage(name).main, *flags)
 
@@ -136,11 +138,12 @@ def test_paths_that_are_not_what_they_should_be(capsys, tmp_path, name):
         capsys, main, "--out", str(tmp_path / "file" / "x"))
     out = ["--out", str(tmp_path)]
     # a folder is a corpus of token shards, except to the chat stages, which read conversations
-    folder = ("cannot be read (Is a directory)" if name in CHAT_STAGES
+    folder = ("cannot be read (Is a directory)" if name in POST_TRAINING
               else "is a folder without meta.json")
     assert folder in stage_error(capsys, main, "--data", str(tmp_path), *out)
-    # the chat stages read conversations, of which an empty file has none
-    empty = "has no conversation" if name in CHAT_STAGES else "has 0 characters"
+    # the chat stages read conversations, of which an empty file has none, stage 10 pairs
+    empty = {"08_chat": "has no conversation", "09_lora": "has no conversation",
+             "10_dpo": "holds fewer than two preference pairs"}.get(name, "has 0 characters")
     assert empty in stage_error(capsys, main, "--data", "/dev/null", *out)
 
 
@@ -151,19 +154,20 @@ SMALLEST = {"01_bigram": [], "02_single_head": ["--n-embd", "1"],
             # RoPE: pairs
             "07_modern": ["--n-embd", "2", "--n-head", "1", "--n-kv-head", "1", "--n-layer", "1"],
             # the chat stages fine-tune the smallest model of stage 07; adapters of rank 1 at most
-            "08_chat": [], "09_lora": ["--lora-rank", "1"]}
+            "08_chat": [], "09_lora": ["--lora-rank", "1"], "10_dpo": ["--lora-rank", "1"]}
 # the context of a model: 1 token; but the chat stages need one that a conversation fits in, and
 # the shortest of Shakespeare's val exchanges takes 20 tokens with its template
-CONTEXT = {name: "20" for name in CHAT_STAGES}
+CONTEXT = {name: "20" for name in POST_TRAINING}
 
 
 @pytest.mark.parametrize("name", ALL_STAGES)
 def test_the_smallest_sizes_train(capsys, tmp_path, name):
     base = None
-    if name in CHAT_STAGES:
+    if name in POST_TRAINING:
         base = tmp_path / "base"
         load_stage("07_modern").main([*quick_flags("07_modern", base), *SMALLEST["07_modern"],
                                       "--block-size", "20", "--batch-size", "1"])
+        write_preferences(base / PAIRS)
     load_stage(name).main([*quick_flags(name, tmp_path / "run", base), *SMALLEST[name],
                            "--block-size", CONTEXT.get(name, "1"),
                            "--batch-size", "1", "--max-new-tokens", "5"])

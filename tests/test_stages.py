@@ -1,12 +1,21 @@
 """Every stage against reference shapes, the loss at initialisation, falling loss, causality,
 attention weights, generation, and the progress line."""
+import copy
 import math
 import time
 
 import pytest
 import torch
 
-from conftest import CHAT_STAGES, GPT_STAGES, STAGES, attention_heads, build_model, load_stage
+from conftest import (
+    GPT_STAGES,
+    POST_TRAINING,
+    PREFERENCES,
+    STAGES,
+    attention_heads,
+    build_model,
+    load_stage,
+)
 from shared.cli import parse_args
 from shared.data import load_dataset
 
@@ -19,8 +28,8 @@ def tiny_args(stage, *flags):
     flags = ["--batch-size", "8", "--block-size", "16", "--eval-iters", "4", "--seed", "0", *flags]
     if stage.__name__ in STAGES:
         return parse_args(flags, stage.STAGE, stage.__doc__, stage.hyperparameters)
-    defaults = (stage.RECIPES["chat"] if stage.__name__ in CHAT_STAGES
-                else stage.flag_defaults("cpu"))
+    defaults = stage.flag_defaults("cpu") if stage.__name__ not in POST_TRAINING else (
+        stage.RECIPES["dpo" if stage.__name__ in PREFERENCES else "chat"])
     args = parse_args(["--warmup-iters", "2", *flags], stage.STAGE, stage.__doc__, defaults,
                       stage.add_flags)
     args.dtype, args.world_size = "float32", 1
@@ -44,10 +53,19 @@ def train(stage, model, train_data, val_data, args):
     # stages 06 and on: an optimizer of their own, a first step and a checkpoint writer; 06 and
     # 07 no benchmark; the chat stages examples, not a text
     optimizer = stage.configure_optimizer(model, args)
+
     def no_checkpoint(step, history):
         return None
 
-    if stage.__name__ in CHAT_STAGES:
+    if stage.__name__ in PREFERENCES:
+        # pairs of windows, each preferred to the next, against a frozen copy of the model
+        (x, y), (val_x, val_y) = (examples(data, args.block_size)
+                                  for data in (train_data, val_data))
+        pairs = [(torch.stack((x[:-1], x[1:]), dim=1), torch.stack((y[:-1], y[1:]), dim=1))
+                 for x, y in ((x, y), (val_x, val_y))]
+        dpo = stage.DPO(model, copy.deepcopy(model).requires_grad_(False).eval(), 0.1, 0.0)
+        history, *_ = stage.train(dpo, optimizer, *pairs, args, device, 0, [], no_checkpoint)
+    elif stage.__name__ in POST_TRAINING:
         train_data, val_data = (examples(data, args.block_size) for data in (train_data, val_data))
         history, *_ = stage.train(model, optimizer, train_data, val_data, args, device, 1.0, 0, [],
                                   no_checkpoint)
@@ -99,6 +117,9 @@ def test_initial_loss_is_near_uniform(stage, tokenizer, shakespeare):
 
 
 def test_loss_drops_after_a_few_dozen_steps(stage):
+    if stage.__name__ in PREFERENCES:
+        pytest.skip("DPO's loss on arbitrary pairs has nothing general to learn: test_dpo.py "
+                    "trains it")
     args = tiny_args(stage, "--max-iters", "40", "--eval-interval", "40", "--lr", "3e-2")
     torch.manual_seed(0)
     tokenizer, train_data, val_data = load_dataset(block_size=args.block_size)
