@@ -20,6 +20,11 @@
               that model, the val reply loss of full fine-tuning and of LoRA at several ranks,
               targets and optimizers, by step and by wall-clock time; peak memory and time a step
               of fine-tuning a model of Qwen3-0.6B's shape (random weights), in full and with LoRA
+  dpo         a step of DPO on that model, a pair of 256-token rows in bfloat16 autocast: peak
+              memory and time of python 10_dpo.py with LoRA (its reference the model with the
+              adapters off), of trl's DPOTrainer with peft's LoRA of the same rank, alpha and
+              projections (with and without its activation checkpointing), and of python
+              10_dpo.py --lora-rank 0 (a frozen copy of the model as the reference)
   corpus      a corpus of 1 GB (Tiny Shakespeare 900 times, in 100 files) prepared into token
               shards with 1 and 2 workers; stages 06 and 07 with --tokenizer gpt2 on Tiny
               Shakespeare and on those shards: whole command, peak memory
@@ -272,9 +277,12 @@ QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, n
                   rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
-def qwen3_folder(folder):
+def qwen3_folder(folder, pairs=20):
     """A save_pretrained folder of a model of Qwen3-0.6B's shape with random weights (596,049,920
-    parameters), with a small ChatML tokenizer; and a JSONL file of Shakespeare's conversations."""
+    parameters), with a small ChatML tokenizer; a JSONL file of Shakespeare's conversations; and
+    one of preference pairs in trl's format, prefs.jsonl: the first exchanges whose line renders
+    in at most 128 tokens and whose reply in at least 256, each reply chosen over the next
+    exchange's, so that every row of every pair fills a context of 256 tokens (no padding)."""
     import torch
     import transformers
 
@@ -283,44 +291,68 @@ def qwen3_folder(folder):
     from test_chat import chat_tokenizer
     torch.manual_seed(0)
     transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3_0_6B)).save_pretrained(folder)
-    chat_tokenizer(read_text()[:20_000]).save_pretrained(folder)
+    tokenizer = chat_tokenizer(read_text()[:20_000])
+    tokenizer.save_pretrained(folder)
     train, _ = load_conversations()
     lines = [json.dumps({"messages": messages}) for messages in train]
     (Path(folder) / "chats.jsonl").write_text("\n".join(lines) + "\n")
+
+    def tokens(messages, reply_next=False):
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=reply_next)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    long = [messages[:2] for messages in train
+            if tokens(messages[:1], True) <= 128
+            and tokens(messages[:2]) - tokens(messages[:1], True) >= 256][:pairs + 1]
+    lines = [json.dumps({"prompt": [line], "chosen": [reply], "rejected": [long[i + 1][1]]})
+             for i, (line, reply) in enumerate(long[:-1])]
+    (Path(folder) / "prefs.jsonl").write_text("\n".join(lines) + "\n")
     return {}
 
 
-def measure_qwen3_step(folder, rank, steps=4):
-    """Fine-tuning the model in folder with python 09_lora.py --lora-rank rank (0: every weight),
-    batch 1 of 256 tokens: the milliseconds a step of its last two, and the peak memory of the whole
-    process and of training alone (loading holds Hugging Face's copy of the weights and ours)."""
+def peak_while(function):
+    """What function() returns, and the highest resident memory of this process, in bytes, that a
+    thread sampling it every 50 ms saw while it ran."""
     import threading
-    lora = stage("09_lora")
-    train, peak = lora.train, [0]
+    done, peak = threading.Event(), [0]
+
+    def sample():
+        while not done.wait(0.05):
+            with open("/proc/self/statm") as f:
+                peak[0] = max(peak[0], int(f.read().split()[1]) * resource.getpagesize())
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        return function(), peak[0]
+    finally:
+        done.set()
+        thread.join()
+
+
+def measure_qwen3_step(folder, rank, name="09_lora", data="chats.jsonl", steps=4):
+    """Fine-tuning the model in folder with python NAME.py --lora-rank rank (0: every weight) on
+    the folder's file data, batch 1 of 256 tokens (of DPO, 1 pair: 2 rows), in bfloat16 autocast:
+    the milliseconds a step of its last two, and the peak memory of the whole process and of
+    training alone (loading holds Hugging Face's copy of the weights and ours). Without DPO's
+    demo, which samples 16 replies to every val prompt, before DPO and after."""
+    m = stage(name)
+    train, peak = m.train, [0]
 
     def sampled(*args, **kwargs):
-        done = threading.Event()
+        result, peak[0] = peak_while(lambda: train(*args, **kwargs))
+        return result
 
-        def sample():
-            while not done.wait(0.05):
-                with open("/proc/self/statm") as f:
-                    peak[0] = max(peak[0], int(f.read().split()[1]) * resource.getpagesize())
-
-        thread = threading.Thread(target=sample)
-        thread.start()
-        try:
-            return train(*args, **kwargs)
-        finally:
-            done.set()
-            thread.join()
-
-    lora.train = sampled
+    m.train = sampled
+    if name == "10_dpo":
+        m.demo = lambda *args: None
     out = tempfile.mkdtemp(prefix="bench-")
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        lora.main(["--init-from", folder, "--data", str(Path(folder) / "chats.jsonl"),
-                   "--lora-rank", rank, "--batch-size", "1", "--block-size", "256",
-                   "--max-iters", str(steps), "--eval-interval", "2", "--eval-iters", "1",
-                   "--max-new-tokens", "0", "--out", out])
+        m.main(["--init-from", folder, "--data", str(Path(folder) / data),
+                "--lora-rank", rank, "--batch-size", "1", "--block-size", "256",
+                "--dtype", "bfloat16", "--max-iters", str(steps), "--eval-interval", "2",
+                "--eval-iters", "1", "--max-new-tokens", "0", "--out", out])
     last = [line for line in printed.getvalue().splitlines() if "ms/step" in line][-1]
     trained = [line for line in printed.getvalue().splitlines() if "of them trained" in line]
     return {"ms_per_step": float(last.split(" | ")[1].split(" ms/step")[0].replace(",", "")),
@@ -328,6 +360,46 @@ def measure_qwen3_step(folder, rank, steps=4):
             "training_peak_mb": peak[0] / 2**20,
             "checkpoint_mb": (Path(out) / "ckpt.pt").stat().st_size / 2**20,
             "trained": trained[0].split(" of them")[0] if trained else "all"}
+
+
+def measure_trl_dpo_step(folder, checkpointing, steps=4):
+    """DPO of the model in folder by trl's DPOTrainer with peft's LoRA (rank 8, alpha 16, every
+    projection of a block, as python 10_dpo.py's defaults), on the folder's prefs.jsonl, batch 1
+    pair, max_length 256, bfloat16 autocast (bf16), activation checkpointing "on" (trl's default)
+    or "off": what measure_qwen3_step measures."""
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    lines = (Path(folder) / "prefs.jsonl").read_text().splitlines()
+    pairs = datasets.Dataset.from_list([json.loads(line) for line in lines])
+    args = trl.DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-"), beta=0.1,
+                         per_device_train_batch_size=1, max_length=256, max_steps=steps,
+                         bf16=True, use_cpu=not torch.cuda.is_available(),
+                         activation_checkpointing=checkpointing == "on",
+                         precompute_ref_log_probs=False, save_strategy="no", report_to="none",
+                         logging_strategy="no", disable_tqdm=True)
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                           "up_proj", "down_proj"])
+    ends = []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.time())
+
+    trainer = trl.DPOTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(folder),
+                             args=args, train_dataset=pairs,
+                             processing_class=transformers.AutoTokenizer.from_pretrained(folder),
+                             peft_config=lora, callbacks=[Clock()])
+    _, training_peak = peak_while(trainer.train)
+    return {"ms_per_step": 1000 * (ends[-1] - ends[-3]) / 2,
+            "peak_mb": peak_memory_mb(types.SimpleNamespace(type="cpu")),
+            "training_peak_mb": training_peak / 2**20,
+            "trained": f"{trainer.model.get_nb_trainable_parameters()[0]:,}"}
 
 
 def timed(command):
@@ -658,6 +730,26 @@ def lora():
                   f" | {step['checkpoint_mb']:,.0f} MB", flush=True)
 
 
+def dpo():
+    with tempfile.TemporaryDirectory() as qwen3:
+        child("qwen3", qwen3)
+        print("a step of DPO on a model of Qwen3-0.6B's shape (random weights, 596,049,920 "
+              "parameters), batch 1 pair (2 rows of 256 tokens), bfloat16 autocast (--dtype "
+              "bfloat16; trl's bf16)")
+        print(f"  {'run':<66}|    trained | ms/step | peak of training | peak of the process")
+        runs = {"10_dpo, LoRA rank 8 (reference: adapters off)": ("dpostep", qwen3, "8"),
+                "trl + peft, LoRA rank 8, no activation checkpointing": ("trlstep", qwen3, "off"),
+                "trl + peft, LoRA rank 8, activation checkpointing (trl's default)": (
+                    "trlstep", qwen3, "on"),
+                "10_dpo, --lora-rank 0 (reference: a frozen copy)": ("dpostep", qwen3, "0")}
+        for name, how in runs.items():
+            step = child(*how)
+            print(f"  {name:<66}| {step['trained']:>10} | {step['ms_per_step']:7,.0f} | "
+                  f"{step['training_peak_mb'] / 1024:13.1f} GB | {step['peak_mb'] / 1024:16.1f} GB",
+                  flush=True)
+    print()
+
+
 def corpus():
     """Each command from a child of its own, whose only child it is, so that its peak memory is
     its own."""
@@ -699,7 +791,7 @@ def corpus():
 
 
 PARTS = {"speed": speed, "generation": generation, "dtype": dtype, "modern": modern,
-         "ablations": ablations, "chat": chat, "lora": lora, "corpus": corpus}
+         "ablations": ablations, "chat": chat, "lora": lora, "dpo": dpo, "corpus": corpus}
 
 
 def main():
@@ -729,6 +821,8 @@ def main():
                    "adamw": lambda: lora_with_adamw(json.loads(rest[0])),
                    "qwen3": lambda: qwen3_folder(rest[0]),
                    "qwen3step": lambda: measure_qwen3_step(*rest),
+                   "dpostep": lambda: measure_qwen3_step(*rest, "10_dpo", "prefs.jsonl"),
+                   "trlstep": lambda: measure_trl_dpo_step(*rest),
                    "timed": lambda: timed(json.loads(rest[0]))}
         print(json.dumps(results[kind]()))
         return

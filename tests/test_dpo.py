@@ -1,0 +1,253 @@
+"""Stage 10: DPO's loss and statistics against trl's, its reference, and bad preference files."""
+import json
+import math
+import types
+
+import pytest
+import torch
+
+from conftest import load_stage, stage_error
+from shared.conversations import load_conversations, parse_preference
+from test_chat import chat_tokenizer, write_jsonl
+
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+peft = pytest.importorskip("peft")
+# slow to import the first time: once, for every test here
+trl = pytest.importorskip("trl")
+
+dpo = load_stage("10_dpo")
+BETA = 0.1
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """Four of Shakespeare's short exchanges in trl's conversational format: the line said, its
+    real reply chosen, the next exchange's reply rejected (replies of different lengths, so that
+    rows are padded)."""
+    train, _ = load_conversations()
+    short = [c[:2] for c in train if len(c[0]["content"]) + len(c[1]["content"]) < 60][:4]
+    return [{"prompt": [prompt], "chosen": [reply], "rejected": [short[(i + 1) % 4][1]]}
+            for i, (prompt, reply) in enumerate(short)]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def folders(request, tmp_path_factory, shakespeare):
+    """A small random Llama (tied) or Qwen3 (QK-norm, untied), saved with a ChatML tokenizer: the
+    reference; and a copy of it, every weight moved a little, the policy of full fine-tuning."""
+    configs = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}
+    torch.manual_seed(0)
+    config = configs[request.param](vocab_size=320, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=128,
+                                    tie_word_embeddings=request.param == "llama")
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    tokenizer = chat_tokenizer(shakespeare[:20_000])
+    root = tmp_path_factory.mktemp("hf")
+    folders = []
+    for name in ("reference", "policy"):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))  # norm gains away from 1
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        folders.append(root / name)
+    return folders
+
+
+def lora_flags(rank, folder=None):
+    """The flags of LoRA of rank (alpha 2 rank) on every projection of the model --init-from
+    folder."""
+    return types.SimpleNamespace(lora_rank=rank, lora_alpha=2.0 * rank, lora_dropout=0.0,
+                                 lora_targets=dpo.TARGETS, init_from=folder)
+
+
+def as_read(pairs):
+    """The pairs as the stage reads them from a file: a prompt, and the texts of two replies."""
+    return [parse_preference(json.dumps(pair)) for pair in pairs]
+
+
+def trl_step(folder, pairs, out, ref_model=None, peft_config=None, **config):
+    """trl's DPOTrainer on the model in folder, in float32 on the CPU: one batch of every pair from
+    its data loader, its loss on that batch and what it logged of it."""
+    args = trl.DPOConfig(output_dir=str(out), beta=BETA, per_device_train_batch_size=len(pairs),
+                         report_to="none", use_cpu=True, bf16=False,
+                         activation_checkpointing=False, precompute_ref_log_probs=False,
+                         disable_dropout=True, **config)
+    trainer = trl.DPOTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(folder),
+                             ref_model=ref_model, args=args,
+                             train_dataset=datasets.Dataset.from_list(pairs),
+                             processing_class=transformers.AutoTokenizer.from_pretrained(folder),
+                             peft_config=peft_config)
+    batch = next(iter(trainer.get_train_dataloader()))
+    # in training mode, as its training step puts it: what it logs is the train metrics
+    trainer.model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+    logged = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    return trainer, batch, loss.item(), logged
+
+
+def ours_from(batch):
+    """Our inputs and targets of trl's batch (its chosen rows, then its rejected ones, padded on
+    the right): the targets are the next tokens where trl's completion mask learns them, else
+    -1."""
+    ids = batch["input_ids"]
+    learned = batch["completion_mask"][:, 1:].bool()
+    return ids[:, :-1], ids[:, 1:].masked_fill(~learned, -1)
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+@pytest.mark.parametrize("reference", ["adapters off", "frozen copy"])
+def test_the_loss_and_statistics_equal_trls(folders, pairs, tmp_path, reference, sft_weight):
+    reference_folder, policy_folder = folders
+    # trl's "sft" loss type is the chosen replies' mean loss per token, weighted
+    config = {}
+    if sft_weight:
+        config = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, sft_weight])
+    if reference == "adapters off":
+        # A and B both random, so that the policy is not its reference
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=dpo.TARGETS, lora_dropout=0.0,
+                               init_lora_weights=False)
+        trainer, batch, loss, logged = trl_step(reference_folder, pairs, tmp_path,
+                                                peft_config=lora, **config)
+        model, _ = dpo.load_model(str(reference_folder))
+        dpo.add_lora(model, dpo.lora_settings(lora_flags(4, str(reference_folder)), model))
+        state = trainer.model.state_dict()
+        copied = 0
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    module, matrix = name.rsplit(".", 1)
+                    p.copy_(state[f"base_model.model.{dpo.hugging_face_name(module)}.{matrix}"
+                                  ".default.weight"])
+                    copied += 1
+        assert copied == 2 * 2 * len(dpo.TARGETS)
+        ours = dpo.DPO(model, None, BETA, sft_weight)
+    else:
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(reference_folder)
+        trainer, batch, loss, logged = trl_step(policy_folder, pairs, tmp_path, ref_model=theirs,
+                                                **config)
+        policy, _ = dpo.load_model(str(policy_folder))
+        frozen, _ = dpo.load_model(str(reference_folder))
+        ours = dpo.DPO(policy, frozen.requires_grad_(False).eval(), BETA, sft_weight)
+    x, y = ours_from(batch)
+    with torch.no_grad():
+        statistics, our_loss = ours(x, y)
+    # the policy is not its reference: the rewards are not all 0
+    assert abs(logged["rewards/chosen"]) > 1e-3 and abs(logged["rewards/rejected"]) > 1e-3
+    assert abs(our_loss.item() - loss) <= 1e-5
+    for key, name in (("chosen", "rewards/chosen"), ("rejected", "rewards/rejected"),
+                      ("margin", "rewards/margins"), ("accuracy", "rewards/accuracies")):
+        assert abs(statistics[key].item() - logged[name]) <= 1e-5, key
+
+
+def test_the_pairs_are_rendered_as_trl_renders_them(folders, pairs, tmp_path):
+    """The same tokens in a row; the same learned but for the newline that ChatML writes after
+    <|im_end|>, which trl counts as part of the reply and the stage does not."""
+    trainer, *_ = trl_step(folders[0], pairs, tmp_path)
+    _, template = dpo.load_model(str(folders[0]))
+    (_, targets), cut, dropped = dpo.fit(template, as_read(pairs), 96)
+    assert (cut, dropped) == (0, 0)
+    newline = template.tokenizer.encode("\n", add_special_tokens=False)
+    for i, (pair, theirs) in enumerate(zip(pairs, trainer.train_dataset, strict=True)):
+        for side, key in enumerate(("chosen", "rejected")):
+            reply = {"role": "assistant", "content": pair[key][0]["content"]}
+            ids, _ = template.render([*pair["prompt"], reply])
+            assert ids == theirs["prompt_ids"] + theirs[f"{key}_ids"]
+            learned = targets[i, side][targets[i, side] != -1].tolist()
+            assert learned + newline == theirs[f"{key}_ids"]
+
+
+@pytest.fixture
+def small(tokenizer, pairs):
+    """A small model of ours with stage 08's template, every weight random, and a batch of the
+    pairs (chosen rows, then rejected) as fit and get_batch make it."""
+    template = dpo.ChatTemplate(tokenizer)
+    torch.manual_seed(0)
+    model = dpo.GPT(dpo.GPTConfig(block_size=96, vocab_size=template.vocab_size, n_layer=2,
+                                  n_head=2, n_embd=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # the zero-initialized projections too
+    data, cut, _ = dpo.fit(template, as_read(pairs), 96)
+    assert cut == 0
+    x, y = dpo.get_batch(data, len(pairs), 96, torch.device("cpu"))
+    return model, x, y
+
+
+@pytest.mark.parametrize("rank", [4, 0])
+def test_a_policy_equal_to_its_reference_has_loss_ln_2_and_no_reward(small, rank):
+    model, x, y = small
+    if rank:
+        dpo.add_lora(model, dpo.lora_settings(lora_flags(rank), model))  # B at zero
+    reference = dpo.make_reference(lora_flags(rank), model, None, torch.device("cpu"))
+    # under LoRA the reference is the model itself, its adapters off
+    assert (reference is None) == bool(rank)
+    with torch.no_grad():
+        statistics, loss = dpo.DPO(model, reference, BETA, 0.0)(x, y)
+    assert abs(loss - torch.log(torch.tensor(2.0))) <= 1e-6
+    assert statistics["chosen"] == 0 and statistics["rejected"] == 0
+    assert statistics["margin"] == 0 and statistics["accuracy"] == 0
+
+
+def reference_logps(ours, x, y):
+    with torch.no_grad():
+        if ours.reference is not None:
+            return dpo.sequence_logps(ours.reference, x, y)
+        with dpo.adapters_off(ours.policy):
+            return dpo.sequence_logps(ours.policy, x, y)
+
+
+@pytest.mark.parametrize("rank", [4, 0])
+def test_only_the_policy_trains_and_the_reference_stays_as_it_was(small, rank):
+    model, x, y = small
+    if rank:
+        dpo.add_lora(model, dpo.lora_settings(lora_flags(rank), model))
+    reference = dpo.make_reference(lora_flags(rank), model, None, torch.device("cpu"))
+    ours = dpo.DPO(model, reference, BETA, 0.0)
+    ours(x, y)[1].backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == ("lora_" in name or not rank), name
+    if not rank:
+        assert all(p.grad is None for p in ours.reference.parameters())
+    model.zero_grad(set_to_none=True)
+    before = reference_logps(ours, x, y)
+    with torch.no_grad():
+        policy_before = dpo.sequence_logps(model, x, y)
+    args = types.SimpleNamespace(lr=1e-2, weight_decay=0.1, warmup_iters=1, max_iters=10,
+                                 grad_clip=1.0, dtype="float32")
+    optimizer = dpo.configure_optimizer(model, args)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = [dpo.train_step(ours, optimizer, [(x, y)], args, step, scaler) for step in range(3)]
+    assert torch.equal(reference_logps(ours, x, y), before)
+    with torch.no_grad():
+        assert (dpo.sequence_logps(model, x, y) - policy_before).abs().max() > 1e-3
+    # DPO's loss starts at ln 2 and falls as the policy learns the pairs
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < losses[0]
+
+
+GOOD = {"prompt": [{"role": "user", "content": "Who's there?"}],
+        "chosen": [{"role": "assistant", "content": "Nay, answer me."}],
+        "rejected": [{"role": "assistant", "content": "Long live the king!"}]}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "line 2: not JSON"),
+    (json.dumps({"chosen": GOOD["chosen"], "rejected": GOOD["rejected"]}),
+     'line 2: not an object with "prompt", "chosen" and "rejected" lists'),
+    (json.dumps({**GOOD, "chosen": GOOD["prompt"]}),
+     """line 2: "chosen" is not one message of the assistant's"""),
+    (json.dumps({**GOOD, "chosen": GOOD["chosen"] * 2}),
+     """line 2: "chosen" is not one message of the assistant's"""),
+])
+def test_bad_preference_lines_get_one_sentence_naming_the_line(tmp_path, capsys, line, message):
+    data = write_jsonl(tmp_path / "prefs.jsonl", [json.dumps(GOOD), line, json.dumps(GOOD)])
+    assert message in stage_error(capsys, dpo.main, "--data", data, "--out",
+                                  str(tmp_path / "run"))
+
+
+def test_fewer_than_two_pairs_are_refused(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "prefs.jsonl", [json.dumps(GOOD), ""])
+    assert "holds fewer than two preference pairs" in stage_error(
+        capsys, dpo.main, "--data", data, "--out", str(tmp_path / "run"))
