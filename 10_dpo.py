@@ -1,24 +1,25 @@
 # %% [markdown]
 """10_dpo.py: teach the assistant what to prefer: direct preference optimization (DPO).
 
-New here, in what a batch is and what it costs: a prompt, a reply people preferred and one they
-did not (trl's preference format), and a loss that raises the first against the second relative
-to a reference model, -log sigmoid(beta ((log p(chosen) - log p_ref(chosen)) - (log p(rejected)
-- log p_ref(rejected)))) (Rafailov et al. 2023): no reward model, no sampling while training.
-With LoRA the reference is the model itself with its adapters off (no second copy); with
---lora-rank 0, a frozen copy. Logged as trl logs it: the loss, the rewards of chosen and
-rejected, their margin and how often it is positive. With no --data, the pairs are made here from
-Tiny Shakespeare: for the first exchange of each conversation that fits, its real reply is
-preferred to the starting model's own sample of the same turn (made once, kept in --out). Real
-replies end their turn within the context, the model's often run past it: a property a program
-checks in the model's own replies, before DPO and after.
+New here, in what a batch is and what it costs: a prompt, a reply preferred and one not (trl's
+preference format), and a loss that raises the first against the second relative to a reference
+model, -log sigmoid(beta ((log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log
+p_ref(rejected)))) (Rafailov et al. 2023): no reward model, no sampling while training. The
+reference is a frozen copy of the model DPO starts from or, with adapters (--lora-rank 8), the
+model itself with its adapters off: no second copy, what a large model needs. Logged as trl logs
+it: the loss, the rewards of chosen and rejected, their margin and how often it is positive.
+With no --data, the pairs are made from the model's own replies to Tiny Shakespeare's short
+prompts: one that ended its turn in the context is preferred to one that ran on past it, a
+property a program checks in the model's replies before DPO and after.
 
 It starts from the model stage 08 writes by default (runs/08_chat, made first if it is not
-there), or --init-from a run of stage 08 or 09 (merged) or a Llama or Qwen3 chat model.
+there), or --init-from a run of stage 08, a merged one of 09, or a Llama or Qwen3 chat model.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
-Expect: MEASURE
-Checkpoint in runs/10_dpo/. Then talk to it:
+Expect: 90 steps of DPO on stage 08's model, every weight trained: val loss 0.693 -> 0.231, the
+chosen reply ahead in 91% of val pairs (margin 3.05); of 576 replies to val prompts, 77 ended
+their turn in the context before DPO, 390 after; 23 s on a 2-core CPU. Checkpoint in runs/10_dpo/.
+Then talk to it:
     python 10_dpo.py --chat
 """
 # %%
@@ -86,11 +87,10 @@ class GPTConfig:
     dropout: float = 0.0
 
 
-# Recipes: `dpo` for a model of ours (a batch is 16 pairs; longer runs, or a higher learning
-# rate, overfit the pairs and wreck the replies: see the stage's notes), `finetune` for a Hugging
-# Face model: a small learning rate, so that it adapts, not forgets.
+# Recipes: `dpo` for a model of ours (a batch is 16 pairs), `finetune` for a Hugging Face model:
+# a small learning rate, so that it adapts, not forgets.
 RECIPES = {
-    "dpo": dict(batch_size=16, max_iters=45, eval_interval=15, eval_iters=4, lr=5e-4,
+    "dpo": dict(batch_size=16, max_iters=90, eval_interval=30, eval_iters=4, lr=5e-4,
                 warmup_iters=5, weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1,
                 dropout=0.0),
     "finetune": dict(batch_size=8, max_iters=200, eval_interval=50, eval_iters=20, lr=3e-5,
@@ -535,7 +535,8 @@ def fit(template, pairs, block_size):
     rows, cut, dropped = [], 0, 0
     for pair in pairs:
         prompt, _ = template.render(pair["prompt"], reply_next=True)
-        if len(prompt) >= block_size:
+        # a reply's first token is the target after the prompt's last
+        if len(prompt) > block_size:
             dropped += 1
             continue
         both = []
@@ -549,7 +550,8 @@ def fit(template, pairs, block_size):
         rows.append(both)
     ids = torch.tensor([[r for r, _ in both] for both in rows], dtype=torch.long)
     learned = torch.tensor([[m for _, m in both] for both in rows], dtype=torch.bool)
-    ids, learned = ids.view(-1, 2, block_size + 1), learned.view(-1, 2, block_size + 1)
+    ids = ids.view(-1, 2, block_size + 1)
+    learned = learned.view(-1, 2, block_size + 1)
     targets = ids[..., 1:].masked_fill(~learned[..., 1:], -1)
     return (ids[..., :-1], targets), cut, dropped
 
@@ -584,7 +586,7 @@ def sequence_logps(model, x, y):
     """Each row's log-probability of its learned tokens (targets other than -1), summed: log p(reply
     | prompt), in float32."""
     logits, _ = model(x)
-    logps = F.log_softmax(logits.float(), dim=-1)
+    logps = F.log_softmax(logits, dim=-1, dtype=torch.float32)
     taken = logps.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (taken * (y != -1)).sum(dim=-1)
 
@@ -1211,9 +1213,10 @@ def add_flags(parser):
                         help="sample from the k likeliest tokens")
     parser.add_argument("--top-p", type=checked("top_p", float),
                         help="sample from the nucleus of mass p")
-    parser.add_argument("--lora-rank", type=checked("lora_rank", int), default=8, metavar="INT",
-                        help="the adapters' rank r; 0: every weight trains, against a frozen "
-                        "copy of the model as the reference")
+    parser.add_argument("--lora-rank", type=checked("lora_rank", int), default=0, metavar="INT",
+                        help="the adapters' rank r, the reference then the model with them off; "
+                        "0: every weight trains, against a frozen copy of the model (on this "
+                        "stage's small model, what taught its preference best)")
     parser.add_argument("--lora-alpha", type=checked("lora_alpha", float), default=16.0,
                         metavar="FLOAT", help="updates scaled by alpha / r")
     parser.add_argument("--lora-targets", nargs="+", choices=TARGETS, default=TARGETS,
@@ -1549,8 +1552,8 @@ def demo(dpo, template, pairs, args, device):
         sampler = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         print_samples(dpo.policy, template, prompt, args, device, {"the model's": sampler})
         print()
-    rendered = {tuple(template.render(pair["prompt"], reply_next=True)[0]) for pair in pairs}
-    prompts = [list(prompt) for prompt in sorted(rendered)] * SAMPLES
+    prompts = [template.render(pair["prompt"], reply_next=True)[0] for pair in firsts.values()]
+    prompts = prompts * SAMPLES
     reference = dpo.policy if dpo.reference is None else dpo.reference
     with adapters_off(dpo.policy) if dpo.reference is None else nullcontext():
         before = sample_replies(reference, template, prompts, args, device)

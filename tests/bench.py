@@ -364,7 +364,7 @@ def measure_qwen3_step(folder, rank, name="09_lora", data="chats.jsonl", steps=4
 
 def measure_trl_dpo_step(folder, checkpointing, steps=4):
     """DPO of the model in folder by trl's DPOTrainer with peft's LoRA (rank 8, alpha 16, every
-    projection of a block, as python 10_dpo.py's defaults), on the folder's prefs.jsonl, batch 1
+    projection of a block, as python 10_dpo.py --lora-rank 8), on the folder's prefs.jsonl, batch 1
     pair, max_length 256, bfloat16 autocast (bf16), activation checkpointing "on" (trl's default)
     or "off": what measure_qwen3_step measures."""
     import datasets
