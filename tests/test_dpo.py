@@ -251,3 +251,25 @@ def test_fewer_than_two_pairs_are_refused(tmp_path, capsys):
     data = write_jsonl(tmp_path / "prefs.jsonl", [json.dumps(GOOD), ""])
     assert "holds fewer than two preference pairs" in stage_error(
         capsys, dpo.main, "--data", data, "--out", str(tmp_path / "run"))
+
+
+def test_dpo_of_a_hugging_face_model_with_adapters_then_merged_and_exported(folders, pairs,
+                                                                            tmp_path, capsys):
+    """The whole stage on a Hugging Face model, as its command line runs it: DPO with adapters on
+    pairs in trl's format, the val loss below ln 2 after a few steps; then the adapters merged
+    into a save_pretrained folder that transformers loads with our logits."""
+    reference, _ = folders
+    data = write_jsonl(tmp_path / "prefs.jsonl", [json.dumps(pair) for pair in pairs * 3])
+    out = tmp_path / "run"
+    dpo.main(["--init-from", str(reference), "--data", data, "--lora-rank", "4", "--lr", "1e-2",
+              "--batch-size", "4", "--max-iters", "8", "--eval-interval", "8", "--eval-iters",
+              "2", "--max-new-tokens", "2", "--out", str(out)])
+    losses = [float(line.split("val loss ")[1].split(",")[0])
+              for line in capsys.readouterr().out.splitlines() if line.startswith("step 8:")]
+    assert losses and losses[0] < math.log(2)
+    dpo.main(["--merge", "--out", str(out)])
+    model, _ = dpo.load_model(out)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    x = torch.randint(320, (2, 24))
+    with torch.no_grad():
+        assert (model.eval()(x)[0] - exported(x).logits).abs().max() <= 1e-5
