@@ -730,7 +730,34 @@ def lora():
                   f" | {step['checkpoint_mb']:,.0f} MB", flush=True)
 
 
+def real_reply_loss(name, folder):
+    """The loss of the model in folder (loaded by stage name) on the real replies of every val
+    conversation of Tiny Shakespeare's dialogue that fits its context: stage 08's measure, on the
+    whole split rather than on sampled batches."""
+    import torch
+
+    from shared.conversations import load_conversations
+    model, template = stage(name).load_model(folder)
+    _, val = load_conversations()
+    (inputs, targets), _, _ = stage("08_chat").fit(template, val, model.block_size)
+    with torch.no_grad():
+        return {"loss": model.eval()(inputs, targets)[1].item(), "replies": len(inputs)}
+
+
 def dpo():
+    base = command("07_modern")[2]
+    tuned = command("08_chat", "--init-from", base)[2]
+    before = child("replyloss", "08_chat", tuned)
+    print("python 10_dpo.py on python 08_chat.py's model: the loss on the real replies of the "
+          f"{before['replies']} val conversations that fit (stage 08's measure, on all of them)")
+    print(f"  before DPO (stage 08's model): {before['loss']:.4f}")
+    runs = {"(its defaults: every weight, a frozen copy)": [],
+            "--sft-weight 1": ["--sft-weight", "1"], "--lora-rank 8": ["--lora-rank", "8"]}
+    for name, flags in runs.items():
+        folder = command("10_dpo", "--init-from", tuned, *flags)[2]
+        after = child("replyloss", "10_dpo", folder)
+        print(f"  after python 10_dpo.py {name}: {after['loss']:.4f}", flush=True)
+    print()
     with tempfile.TemporaryDirectory() as qwen3:
         child("qwen3", qwen3)
         print("a step of DPO on a model of Qwen3-0.6B's shape (random weights, 596,049,920 "
@@ -822,6 +849,7 @@ def main():
                    "qwen3": lambda: qwen3_folder(rest[0]),
                    "qwen3step": lambda: measure_qwen3_step(*rest),
                    "dpostep": lambda: measure_qwen3_step(*rest, "10_dpo", "prefs.jsonl"),
+                   "replyloss": lambda: real_reply_loss(*rest),
                    "trlstep": lambda: measure_trl_dpo_step(*rest),
                    "timed": lambda: timed(json.loads(rest[0]))}
         print(json.dumps(results[kind]()))
