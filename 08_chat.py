@@ -1066,8 +1066,9 @@ def sample_only(args, device):
 
 
 def make_base():
-    """Stage 07's default run, into BASE, as a process of its own: the model that fine-tuning
-    starts from without --init-from, to the last bit the one python 07_modern.py makes."""
+    """The default run of BASE_SCRIPT, into BASE, as a process of its own: the model that
+    fine-tuning starts from without --init-from, to the last bit the one that python BASE_SCRIPT
+    makes."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise UserError(f"{BASE} holds no model yet: make it first with python {BASE_SCRIPT}")
     print(f"{BASE} holds no model yet: making it first with python {BASE_SCRIPT}", flush=True)
