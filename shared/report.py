@@ -71,14 +71,15 @@ PREFERENCE_STATISTICS = {"chosen": "reward of chosen", "rejected": "reward of re
 
 def plot_losses(metrics, path):
     """loss.png: the train and val loss of one run against the training step; beside them, where
-    the history has them (DPO), the val rewards of the chosen and rejected replies, their margin
-    and how often the chosen one is ahead."""
+    the history has them, the val rewards of the chosen and rejected replies, their margin and
+    how often the chosen one is ahead (DPO), or pass@1 and pass@G on val problems (GRPO)."""
     plt = pyplot()
     history = metrics["history"]
     steps = [h["step"] for h in history]
     preferences = "val_margin" in history[-1]
-    fig, axes = plt.subplots(1, 2 if preferences else 1, figsize=(11 if preferences else 6, 4),
-                             squeeze=False)
+    rewards = "val_pass@1" in history[-1]
+    fig, axes = plt.subplots(1, 2 if preferences or rewards else 1,
+                             figsize=(11 if preferences or rewards else 6, 4), squeeze=False)
     ax = axes[0][0]
     ax.plot(steps, [h["train"] for h in history], "o-", label="train")
     ax.plot(steps, [h["val"] for h in history], "o-", label="val")
@@ -92,6 +93,13 @@ def plot_losses(metrics, path):
         for key, label in PREFERENCE_STATISTICS.items():
             ax.plot(steps, [h[f"val_{key}"] for h in history], "o-", label=label)
         ax.set(xlabel="step", title="val pairs: rewards (beta x log-probability gained)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if rewards:
+        ax = axes[0][1]
+        for key in [key for key in history[-1] if key.startswith("val_pass@")]:
+            ax.plot(steps, [h[key] for h in history], "o-", label=key.removeprefix("val_"))
+        ax.set(xlabel="step", ylim=(0, 1), title="val problems: the share solved")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
