@@ -22,11 +22,14 @@ from shared.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["01_bigram", "02_single_head", "03_multi_head", "04_block"]  # built by build_model below
-GPT_STAGES = ["05_gpt", "06_train_for_real", "07_modern", "08_chat", "09_lora", "10_dpo"]
+GPT_STAGES = ["05_gpt", "06_train_for_real", "07_modern", "08_chat", "09_lora", "10_dpo",
+              "11_grpo"]
 ALL_STAGES = STAGES + GPT_STAGES
-# the stages that tune a trained model (post-training): on conversations, then on preferences
-POST_TRAINING = ["08_chat", "09_lora", "10_dpo"]
+# the stages that tune a trained model (post-training): on conversations, on preferences, then
+# from rewards
+POST_TRAINING = ["08_chat", "09_lora", "10_dpo", "11_grpo"]
 PREFERENCES = ["10_dpo"]
+REWARDS = ["11_grpo"]
 # a few steps of any stage
 QUICK = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2", "--max-new-tokens", "0",
          "--seed", "0"]

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from conftest import ALL_STAGES, POST_TRAINING, PREFERENCES, ROOT
+from conftest import ALL_STAGES, POST_TRAINING, PREFERENCES, REWARDS, ROOT
 from shared.site import changed_tokens
 
 PAIRS = list(itertools.pairwise(ALL_STAGES))
@@ -25,7 +25,11 @@ BUDGETS = {("01_bigram", "02_single_head"): 610, ("02_single_head", "03_multi_he
            ("08_chat", "09_lora"): 2250,
            # preference pairs, made from the model's own replies by default, DPO's loss and its
            # reference (adapters off, or a frozen copy), trl's statistics, the measured property
-           ("09_lora", "10_dpo"): 3750}
+           ("09_lora", "10_dpo"): 3750,
+           # a task a program makes and checks (and GSM8K's checker), the base fine-tuned on it,
+           # rollouts, group advantages, GRPO's loss with its switches (three normalisations, the
+           # clip, the KL penalty), pass@1 and pass@G; DPO's pairs and loss gone
+           ("10_dpo", "11_grpo"): 6400}
 # the loop of 01-04, whole
 COMMON = ["estimate_loss", "progress", "check_finite", "train", "generate"]
 # The definitions each stage takes over from the one before without changing a character.
@@ -88,6 +92,21 @@ UNCHANGED = {
                             "stream", "chat", "checkpoint_path", "starting_checkpoint",
                             "trained_at", "start_processes", "sample_only", "merge_only",
                             "make_base", "describe", "ended_its_turn", "print_samples"],
+    # GRPO changes what a step is and its loss; the model, LoRA, loading, checkpoints and sampling
+    # are 10's
+    ("10_dpo", "11_grpo"): ["BASE_SCRIPT", "GPTConfig", "KVCache", "rope_table", "rotate",
+                            "CausalSelfAttention", "causal_attention_weights", "MLP", "Block",
+                            "unsupported", "hugging_face_name", "GPT", "grow_vocabulary",
+                            "TARGETS", "TABLES", "LoRALinear", "add_lora", "adapter_state",
+                            "merge", "ChatTemplate", "check_finite", "resolve_dtype", "autocast",
+                            "Optimizers", "configure_optimizer", "learning_rate", "StopOnSignal",
+                            "rng_states", "set_rng_state", "save_merged", "read_checkpoint",
+                            "model_from_checkpoint", "check_resumable", "stage_folder",
+                            "load_model", "lora_model", "lora_settings", "greedy", "top_k_filter",
+                            "top_p_filter", "sample_next", "generate", "stream", "chat",
+                            "checkpoint_path", "starting_checkpoint", "trained_at",
+                            "start_processes", "sample_only", "merge_only", "ended_its_turn",
+                            "print_samples"],
 }
 # main's steps, in this order: of the stages that build a model and train it from scratch, and of
 # those that fine-tune a trained one (post-training)
@@ -98,6 +117,9 @@ POST_TRAINING_SKELETON = ["parse_args", "select_device", "load_conversations", "
 # (stage 10 samples its default pairs from the model before it trains)
 PREFERENCE_SKELETON = ["parse_args", "select_device", "load_preferences", "load_model", "generate",
                        "train", "save_metrics", "plot_attention"]
+# (stage 11's problems come from its task, which samples its replies itself while training)
+REWARD_SKELETON = ["parse_args", "select_device", "load_model", "train", "save_metrics",
+                   "plot_attention", "generate"]
 # main's other paths, which end the run before training: sampling alone, merging adapters
 OTHER_PATHS = ["sample_only", "merge_only"]
 
@@ -143,6 +165,8 @@ def main_calls(found, steps=SKELETON):
 def skeleton_of(name):
     if name in PREFERENCES:
         return PREFERENCE_SKELETON
+    if name in REWARDS:
+        return REWARD_SKELETON
     return POST_TRAINING_SKELETON if name in POST_TRAINING else SKELETON
 
 

@@ -18,6 +18,7 @@ from conftest import (
     GPT_STAGES,
     POST_TRAINING,
     PREFERENCES,
+    REWARDS,
     ROOT,
     build_model,
     load_stage,
@@ -42,16 +43,21 @@ def assert_image(path, min_side=300):
 
 def trained(printed, name):
     """What a run printed from its training on (post-training says first what it tunes on)."""
-    return re.split("fine-tuning on conversations|DPO on preference pairs", printed[name])[-1]
+    return re.split("fine-tuning on conversations|DPO on preference pairs|GRPO on",
+                    printed[name])[-1]
 
 
 @pytest.mark.parametrize("name", ALL_STAGES)
 def test_runs_end_to_end(runs, name):
     root, printed = runs
     out = trained(printed, name)
-    # DPO's line has its margin and accuracy where the others have bits per character
-    last = (r"val margin -?\d+\.\d{3}, accuracy \d\.\d\d" if name in PREFERENCES
-            else r"val (\d+\.\d{3}) bits/char")
+    # DPO's line has its margin and accuracy where the others have bits per character, GRPO's
+    # pass@1 and pass@8
+    last = r"val (\d+\.\d{3}) bits/char"
+    if name in PREFERENCES:
+        last = r"val margin -?\d+\.\d{3}, accuracy \d\.\d\d"
+    if name in REWARDS:
+        last = r"val pass@1 \d\.\d{3}, pass@8 \d\.\d{3}"
     lines = re.findall(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4}), " + last,
                        out, re.M)
     assert [int(step) for step, *_ in lines] == [0, 3, 6]
@@ -89,10 +95,14 @@ def test_metrics_follow_the_schema_and_the_printed_losses(runs, name):
     last = metrics["history"][-1]
     assert (metrics["train_loss"], metrics["val_loss"]) == (last["train"], last["val"])
     # one token is one character; in the chat stages' replies an end token has none; DPO's loss
-    # is no loss of predicting text, and has no bits per character, but trl's statistics
+    # is no loss of predicting text, and has no bits per character, but trl's statistics; GRPO's
+    # loss is of the right answers, beside pass@1 and pass@8 of its own replies
     if name in PREFERENCES:
         assert metrics["val_bpc"] is None and 0 <= last["val_accuracy"] <= 1
         assert last["val_margin"] == pytest.approx(last["val_chosen"] - last["val_rejected"])
+    elif name in REWARDS:
+        assert metrics["val_bpc"] is None
+        assert 0 <= last["val_pass@1"] <= last["val_pass@8"] <= 1 and last["val_length"] > 0
     elif name in POST_TRAINING:
         assert metrics["val_bpc"] > last["val"] / math.log(2)
     else:

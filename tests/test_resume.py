@@ -10,10 +10,13 @@ import pytest
 from conftest import POST_TRAINING, ROOT, load_stage, quick_flags, stage_base, stage_error
 from shared import prepare
 
-# each stage that keeps checkpoints, and DPO again with a frozen copy of its model as the
-# reference (which a resumed run loads again)
+# each stage that keeps checkpoints, DPO again with a frozen copy of its model as the reference
+# (which a resumed run loads again), and GRPO with a KL penalty to such a copy and with two PPO
+# updates a batch
 RESUMABLE = [(name, []) for name in ["06_train_for_real", "07_modern", "08_chat", "09_lora",
-                                     "10_dpo"]] + [("10_dpo", ["--lora-rank", "0"])]
+                                     "10_dpo", "11_grpo"]] + [
+    ("10_dpo", ["--lora-rank", "0"]),
+    ("11_grpo", ["--kl-beta", "0.04", "--updates", "2"])]
 
 
 def history(out):
@@ -37,8 +40,12 @@ def test_ctrl_c_then_resume_gives_the_losses_of_an_uninterrupted_run(name, extra
     stop_at = 0 if name in POST_TRAINING else 6
     train_step = stage.train_step
 
+    sent = []
+
     def step_with_ctrl_c(model, optimizer, batches, args, step, *rest):
-        if step == stop_at:
+        # once: with --updates 2, stage 11 takes two optimizer steps a step
+        if step == stop_at and not sent:
+            sent.append(signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
         return train_step(model, optimizer, batches, args, step, *rest)
 
