@@ -1034,6 +1034,11 @@ def train(model, optimizer, task, template, args, device, step, history, on_chec
                 loss = train_step(model, optimizer, batches, args, step, scaler)
             step += 1
             check_finite(all_reduce([loss])[0], step)
+            # the next replies are sampled from the weights this step left, before any loss
+            # could show that they diverged
+            if not all(torch.isfinite(p).all() for p in raw_model.policy.parameters()):
+                raise UserError(f"the weights became inf or NaN at step {step}: training "
+                                "diverged; try a smaller --lr")
             # a line every few seconds between evaluations (which print their own)
             evaluating = step % args.eval_interval == 0 or step == args.max_iters
             if time.time() - last_line[1] > 5 and not evaluating:
@@ -1653,16 +1658,6 @@ def sample_replies(model, template, starts, max_new_tokens, device):
     return replies
 
 
-def overfitting(history):
-    """A line that says so if the val loss ended above its best, '' if not."""
-    best = min(history, key=lambda h: h["val"])
-    if history[-1]["val"] <= best["val"]:
-        return ""
-    return (f"the val loss rose after step {best['step']} ({best['val']:.4f} -> "
-            f"{history[-1]['val']:.4f}): the model learned its train problems by heart; the "
-            f"checkpoint is the last step's (--max-iters {best['step']} stops earlier)\n")
-
-
 def ended_its_turn(reply, template):
     """Whether a reply's first special token is its end of turn: it stopped there, with no turn of
     another speaker begun before it (which the printed text, markers left out, would hide)."""
@@ -1749,7 +1744,6 @@ def main(argv=None):
             "train_loss": history[-1]["train"], "val_loss": history[-1]["val"],
             "val_bpc": None})
         print(f"metrics written to {path}")
-        print(overfitting(history), end="")
     if stopped_by == signal.SIGTERM:
         # the job is being stopped: no demo; run() exits with status 143
         return stopped_by

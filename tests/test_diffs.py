@@ -29,7 +29,7 @@ BUDGETS = {("01_bigram", "02_single_head"): 610, ("02_single_head", "03_multi_he
            # a task a program makes and checks (and GSM8K's checker), the base fine-tuned on it,
            # rollouts, group advantages, GRPO's loss with its switches (three normalisations, the
            # clip, the KL penalty), pass@1 and pass@G; DPO's pairs and loss gone
-           ("10_dpo", "11_grpo"): 6400}
+           ("10_dpo", "11_grpo"): 6550}
 # the loop of 01-04, whole
 COMMON = ["estimate_loss", "progress", "check_finite", "train", "generate"]
 # The definitions each stage takes over from the one before without changing a character.

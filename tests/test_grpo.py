@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import load_stage, stage_error
+from shared import UserError
 from shared.tokenizer import CharTokenizer
 from test_chat import chat_tokenizer, write_jsonl
 
@@ -275,6 +276,24 @@ def test_a_few_steps_of_rl_raise_the_held_out_reward(tiny):
     first, last = history[0], history[-1]
     assert (first["step"], last["step"], stopped) == (0, 20, None)
     assert first["val_pass@1"] < 0.1 and last["val_pass@1"] > 0.8
+
+
+def test_a_diverging_run_ends_with_one_sentence(tiny):
+    """At a huge learning rate the weights become NaN while the loss of the step is still
+    finite: the run stops there, before it samples from them (which would fail in the
+    sampler)."""
+    model, template = tiny
+    flags = types.SimpleNamespace(group_size=8, kl_beta=0.0, clip_epsilon=EPSILON,
+                                  loss_norm="dapo", scale_rewards=False, updates=1, lr=1e20,
+                                  weight_decay=0.0, warmup_iters=0, max_iters=30, grad_clip=1.0,
+                                  dtype="float32", block_size=16, eval_interval=30, eval_iters=1,
+                                  batch_size=4, seed=0, world_size=1, grad_accum_steps=1)
+    ours = grpo.GRPO(model, None, flags, FirstLetter.reply_tokens)
+    optimizer = grpo.configure_optimizer(model, flags)
+    with pytest.raises(UserError, match=r"the (weights|loss) became (inf or NaN|nan|inf) at step "
+                       r"\d+: training diverged; try a smaller --lr"):
+        grpo.train(ours, optimizer, FirstLetter(), template, flags, CPU, 0, [],
+                   lambda step, history: None)
 
 
 def test_backwards_rewards_the_word_backwards_and_nothing_else(backwards):
