@@ -25,6 +25,11 @@
               adapters off), of trl's DPOTrainer with peft's LoRA of the same rank, alpha and
               projections (with and without its activation checkpointing), and of python
               10_dpo.py --lora-rank 0 (a frozen copy of the model as the reference)
+  grpo        on that model, in bfloat16 autocast: sampling 8 replies of 64 tokens to one prompt,
+              stage 11's generate against Hugging Face's (tokens per second); a step of GRPO,
+              1 problem x 8 replies of 64 tokens: peak memory and time of python 11_grpo.py
+              --lora-rank 8 and of trl's GRPOTrainer with peft's LoRA of the same rank, alpha and
+              projections (with and without its activation checkpointing)
   corpus      a corpus of 1 GB (Tiny Shakespeare 900 times, in 100 files) prepared into token
               shards with 1 and 2 workers; stages 06 and 07 with --tokenizer gpt2 on Tiny
               Shakespeare and on those shards: whole command, peak memory
@@ -277,12 +282,22 @@ QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, n
                   rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
+# GRPO's batch in the grpo part: G replies of REPLY_TOKENS tokens to a prompt of at most
+# PROMPT_TOKENS tokens
+GROUP_SIZE = 8
+REPLY_TOKENS = 64
+PROMPT_TOKENS = 128
+
+
 def qwen3_folder(folder, pairs=20):
     """A save_pretrained folder of a model of Qwen3-0.6B's shape with random weights (596,049,920
-    parameters), with a small ChatML tokenizer; a JSONL file of Shakespeare's conversations; and
-    one of preference pairs in trl's format, prefs.jsonl: the first exchanges whose line renders
+    parameters), with a small ChatML tokenizer; a JSONL file of Shakespeare's conversations; one
+    of preference pairs in trl's format, prefs.jsonl: the first exchanges whose line renders
     in at most 128 tokens and whose reply in at least 256, each reply chosen over the next
-    exchange's, so that every row of every pair fills a context of 256 tokens (no padding)."""
+    exchange's, so that every row of every pair fills a context of 256 tokens (no padding); and
+    one of problems in GSM8K's form, problems.jsonl: ten times the same question, as many of Tiny
+    Shakespeare's first lines as fit a prompt of PROMPT_TOKENS tokens, so that every step of GRPO
+    samples to a prompt of the same length (the stage keeps the last tenth to measure)."""
     import torch
     import transformers
 
@@ -308,6 +323,15 @@ def qwen3_folder(folder, pairs=20):
     lines = [json.dumps({"prompt": [line], "chosen": [reply], "rejected": [long[i + 1][1]]})
              for i, (line, reply) in enumerate(long[:-1])]
     (Path(folder) / "prefs.jsonl").write_text("\n".join(lines) + "\n")
+
+    lines = read_text().splitlines()
+    # the message as stage 11 asks it (messages reads no state of the task); a line adds a
+    # token at least: fewer lines than PROMPT_TOKENS fit
+    ask = stage("11_grpo").GSM8K.messages
+    fit = max(n for n in range(1, PROMPT_TOKENS) if tokens(
+        ask(None, {"question": "\n".join(lines[:n])}), True) <= PROMPT_TOKENS)
+    problem = json.dumps({"question": "\n".join(lines[:fit]), "answer": "#### 0"})
+    (Path(folder) / "problems.jsonl").write_text(f"{problem}\n" * 10)
     return {}
 
 
@@ -331,12 +355,13 @@ def peak_while(function):
         thread.join()
 
 
-def measure_qwen3_step(folder, rank, name="09_lora", data="chats.jsonl", steps=4):
-    """Fine-tuning the model in folder with python NAME.py --lora-rank rank (0: every weight) on
-    the folder's file data, batch 1 of 256 tokens (of DPO, 1 pair: 2 rows), in bfloat16 autocast:
-    the milliseconds a step of its last two, and the peak memory of the whole process and of
-    training alone (loading holds Hugging Face's copy of the weights and ours). Without DPO's
-    demo, which samples 16 replies to every val prompt, before DPO and after."""
+def measure_qwen3_step(folder, rank, name="09_lora", data="chats.jsonl", steps=4, flags=()):
+    """Fine-tuning the model in folder with python NAME.py --lora-rank rank (0: every weight) and
+    flags on the folder's file data, batch 1 in a context of 256 tokens (of DPO, 1 pair: 2 rows;
+    of GRPO, 1 problem and its replies), in bfloat16 autocast: the milliseconds a step of its last
+    two, and the peak memory of the whole process and of training alone (loading holds Hugging
+    Face's copy of the weights and ours). Without DPO's demo, which samples 16 replies to every val
+    prompt, before DPO and after."""
     m = stage(name)
     train, peak = m.train, [0]
 
@@ -352,7 +377,7 @@ def measure_qwen3_step(folder, rank, name="09_lora", data="chats.jsonl", steps=4
         m.main(["--init-from", folder, "--data", str(Path(folder) / data),
                 "--lora-rank", rank, "--batch-size", "1", "--block-size", "256",
                 "--dtype", "bfloat16", "--max-iters", str(steps), "--eval-interval", "2",
-                "--eval-iters", "1", "--max-new-tokens", "0", "--out", out])
+                "--eval-iters", "1", "--max-new-tokens", "0", "--out", out, *flags])
     last = [line for line in printed.getvalue().splitlines() if "ms/step" in line][-1]
     trained = [line for line in printed.getvalue().splitlines() if "of them trained" in line]
     return {"ms_per_step": float(last.split(" | ")[1].split(" ms/step")[0].replace(",", "")),
@@ -400,6 +425,125 @@ def measure_trl_dpo_step(folder, checkpointing, steps=4):
             "peak_mb": peak_memory_mb(types.SimpleNamespace(type="cpu")),
             "training_peak_mb": training_peak / 2**20,
             "trained": f"{trainer.model.get_nb_trainable_parameters()[0]:,}"}
+
+
+def measure_rollout_speed(folder):
+    """Tokens per second of sampling GROUP_SIZE replies of REPLY_TOKENS tokens each to the prompt
+    of the folder's problems.jsonl, at temperature 1 with the KV cache (no top-k, no top-p), in
+    bfloat16 autocast: stage 11's generate, as its rollout samples a group, against Hugging
+    Face's, on the folder's model. Both make every token asked for: ours without a stop token,
+    theirs with min_new_tokens. Each after a warm-up, one run."""
+    import torch
+    import transformers
+    transformers.logging.set_verbosity_error()
+    m = stage("11_grpo")
+    from shared.device import select_device
+    device = select_device("auto")
+    ours, template = m.load_model(folder)
+    ours.to(device)
+    # float32 weights under the same autocast, as trl's bf16 samples (accelerate autocasts the
+    # model's forward) and as the stage's --dtype bfloat16 does
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    theirs.to(device).eval()
+    problem = json.loads((Path(folder) / "problems.jsonl").read_text().splitlines()[0])
+    prompt, _ = template.render(m.GSM8K.messages(None, problem), reply_next=True)
+    context = torch.tensor([prompt] * GROUP_SIZE, device=device)
+    runs = {"11_grpo": lambda new: m.generate(ours, context, new),
+            "transformers": lambda new: theirs.generate(
+                context, attention_mask=torch.ones_like(context), do_sample=True,
+                temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+                pad_token_id=template.end)}
+    speed = {"prompt_tokens": len(prompt)}
+    with torch.no_grad(), m.autocast(types.SimpleNamespace(dtype="bfloat16"), device):
+        for name, sample in runs.items():
+            sample(4)  # warm-up
+            start = time.time()
+            # tolist waits for a GPU to finish
+            new = len(sample(REPLY_TOKENS)[:, len(prompt):].tolist()[0])
+            speed[name] = GROUP_SIZE * new / (time.time() - start)
+    return speed
+
+
+def measure_grpo_step(folder, steps=4):
+    """GRPO of the model in folder by python 11_grpo.py --lora-rank 8 --task gsm8k on the folder's
+    problems.jsonl, 1 problem a step, GROUP_SIZE replies of REPLY_TOKENS tokens: what
+    measure_qwen3_step measures, and the mean length of the replies sampled (evaluations'
+    too)."""
+    m = stage("11_grpo")
+    # GSM8K's room for a reply, 512 tokens, cut to trl's max_completion_length: a model of random
+    # weights all but never samples its end token, so every reply takes it all
+    m.GSM8K.reply_tokens = REPLY_TOKENS
+    rollout, lengths = m.rollout, []
+
+    def counted(*args, **kwargs):
+        x, y, rewards = rollout(*args, **kwargs)
+        lengths.extend((y != -1).sum(dim=1).tolist())
+        return x, y, rewards
+
+    m.rollout = counted
+    flags = ["--task", "gsm8k", "--group-size", str(GROUP_SIZE)]
+    step = measure_qwen3_step(folder, "8", "11_grpo", "problems.jsonl", steps, flags)
+    return {**step, "reply_tokens": sum(lengths) / len(lengths)}
+
+
+def measure_trl_grpo_step(folder, checkpointing, steps=4):
+    """GRPO of the model in folder by trl's GRPOTrainer with peft's LoRA (rank 8, alpha 16, every
+    projection of a block, as python 11_grpo.py --lora-rank 8), on the folder's problems.jsonl:
+    1 problem a step, num_generations GROUP_SIZE completions of max_completion_length
+    REPLY_TOKENS sampled by transformers' generate (no vLLM), a reward of 0 for every one (what
+    the stage's checker gives a random model's replies: advantages 0 for both, the same work),
+    beta 0 (no reference, the stage's default), loss_type dapo, rewards not scaled by the group's
+    std (the stage's default), bfloat16 autocast (bf16), activation checkpointing "on" (trl's
+    default) or "off": what measure_grpo_step measures."""
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    lines = (Path(folder) / "problems.jsonl").read_text().splitlines()
+    # each asked as stage 11 asks it
+    ask = stage("11_grpo").GSM8K.messages
+    prompts = datasets.Dataset.from_list([{"prompt": ask(None, json.loads(line))}
+                                          for line in lines])
+    args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-"),
+                          per_device_train_batch_size=GROUP_SIZE, num_generations=GROUP_SIZE,
+                          max_completion_length=REPLY_TOKENS, temperature=1.0, beta=0.0,
+                          loss_type="dapo", scale_rewards="none", max_steps=steps, bf16=True,
+                          use_cpu=not torch.cuda.is_available(),
+                          activation_checkpointing=checkpointing == "on", save_strategy="no",
+                          report_to="none", logging_strategy="steps", logging_steps=1,
+                          disable_tqdm=True)
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                           "up_proj", "down_proj"])
+    ends, lengths = [], []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.time())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # a step's log, not the summary at the end of training
+            if "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
+    def no_reward(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    trainer = trl.GRPOTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(folder),
+                              reward_funcs=no_reward, args=args, train_dataset=prompts,
+                              processing_class=transformers.AutoTokenizer.from_pretrained(folder),
+                              peft_config=lora, callbacks=[Clock()])
+    # logged each step for the completions' length, not printed
+    trainer.remove_callback(transformers.PrinterCallback)
+    _, training_peak = peak_while(trainer.train)
+    return {"ms_per_step": 1000 * (ends[-1] - ends[-3]) / 2,
+            "peak_mb": peak_memory_mb(types.SimpleNamespace(type="cpu")),
+            "training_peak_mb": training_peak / 2**20,
+            "trained": f"{trainer.model.get_nb_trainable_parameters()[0]:,}",
+            "reply_tokens": sum(lengths) / len(lengths)}
 
 
 def timed(command):
@@ -777,6 +921,32 @@ def dpo():
     print()
 
 
+def grpo():
+    with tempfile.TemporaryDirectory() as qwen3:
+        child("qwen3", qwen3)
+        speed = child("rollout", qwen3)
+        print(f"sampling {GROUP_SIZE} replies of {REPLY_TOKENS} tokens to one prompt of "
+              f"{speed['prompt_tokens']} tokens, a model of Qwen3-0.6B's shape (random weights), "
+              "temperature 1, KV cache, float32 weights in bfloat16 autocast | tokens/s")
+        print(f"  11_grpo's generate     | {speed['11_grpo']:7.1f}")
+        print(f"  transformers' generate | {speed['transformers']:7.1f}")
+        print(f"  ratio                  | {speed['11_grpo'] / speed['transformers']:6.2f}x\n")
+        print(f"a step of GRPO on that model, 1 problem x {GROUP_SIZE} replies of at most "
+              f"{REPLY_TOKENS} tokens (prompt {speed['prompt_tokens']}), LoRA rank 8, no reference "
+              "(beta 0), dapo's loss, bfloat16 autocast (--dtype bfloat16; trl's bf16)")
+        print(f"  {'run':<55}|    trained | ms/step | reply tokens | peak of training | "
+              "peak of the process")
+        runs = {"11_grpo --lora-rank 8": ("grpostep", qwen3),
+                "trl + peft, no activation checkpointing": ("trlgrpo", qwen3, "off"),
+                "trl + peft, activation checkpointing (trl's default)": ("trlgrpo", qwen3, "on")}
+        for name, how in runs.items():
+            step = child(*how)
+            print(f"  {name:<55}| {step['trained']:>10} | {step['ms_per_step']:7,.0f} | "
+                  f"{step['reply_tokens']:12.1f} | {step['training_peak_mb'] / 1024:13.1f} GB | "
+                  f"{step['peak_mb'] / 1024:16.1f} GB", flush=True)
+    print()
+
+
 def corpus():
     """Each command from a child of its own, whose only child it is, so that its peak memory is
     its own."""
@@ -818,7 +988,8 @@ def corpus():
 
 
 PARTS = {"speed": speed, "generation": generation, "dtype": dtype, "modern": modern,
-         "ablations": ablations, "chat": chat, "lora": lora, "dpo": dpo, "corpus": corpus}
+         "ablations": ablations, "chat": chat, "lora": lora, "dpo": dpo, "grpo": grpo,
+         "corpus": corpus}
 
 
 def main():
@@ -851,6 +1022,9 @@ def main():
                    "dpostep": lambda: measure_qwen3_step(*rest, "10_dpo", "prefs.jsonl"),
                    "replyloss": lambda: real_reply_loss(*rest),
                    "trlstep": lambda: measure_trl_dpo_step(*rest),
+                   "rollout": lambda: measure_rollout_speed(*rest),
+                   "grpostep": lambda: measure_grpo_step(*rest),
+                   "trlgrpo": lambda: measure_trl_grpo_step(*rest),
                    "timed": lambda: timed(json.loads(rest[0]))}
         print(json.dumps(results[kind]()))
         return
