@@ -356,6 +356,30 @@ def chat_tokenizer(text, template=CHATML):
     return tokenizer
 
 
+def moved_copies(kind, root, text, names=("reference", "policy")):
+    """A small random Llama (tied) or Qwen3 (QK-norm, untied) of transformers', saved with a
+    ChatML tokenizer of text into a folder of root for each name, every weight moved a little
+    before each save (norm gains away from 1): for DPO and GRPO, a reference and a policy apart
+    from it. Returns the folders."""
+    import transformers
+    configs = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}
+    torch.manual_seed(0)
+    config = configs[kind](vocab_size=320, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=128, tie_word_embeddings=kind == "llama")
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    tokenizer = chat_tokenizer(text)
+    folders = []
+    for name in names:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        folders.append(root / name)
+    return folders
+
+
 def test_the_reply_mask_of_a_stock_template_equals_its_generation_markers(shakespeare, tmp_path):
     marked = chat_tokenizer(shakespeare[:20_000])
     expected = marked.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,

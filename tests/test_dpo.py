@@ -8,7 +8,7 @@ import torch
 
 from conftest import load_stage, stage_error
 from shared.conversations import load_conversations, parse_preference
-from test_chat import chat_tokenizer, write_jsonl
+from test_chat import moved_copies, write_jsonl
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
@@ -35,24 +35,7 @@ def pairs():
 def folders(request, tmp_path_factory, shakespeare):
     """A small random Llama (tied) or Qwen3 (QK-norm, untied), saved with a ChatML tokenizer: the
     reference; and a copy of it, every weight moved a little, the policy of full fine-tuning."""
-    configs = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}
-    torch.manual_seed(0)
-    config = configs[request.param](vocab_size=320, hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, max_position_embeddings=128,
-                                    tie_word_embeddings=request.param == "llama")
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    tokenizer = chat_tokenizer(shakespeare[:20_000])
-    root = tmp_path_factory.mktemp("hf")
-    folders = []
-    for name in ("reference", "policy"):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))  # norm gains away from 1
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        folders.append(root / name)
-    return folders
+    return moved_copies(request.param, tmp_path_factory.mktemp("hf"), shakespeare[:20_000])
 
 
 def lora_flags(rank, folder=None):

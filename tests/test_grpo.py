@@ -10,7 +10,7 @@ import torch
 from conftest import load_stage, stage_error
 from shared import UserError
 from shared.tokenizer import CharTokenizer
-from test_chat import chat_tokenizer, write_jsonl
+from test_chat import moved_copies, write_jsonl
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
@@ -34,21 +34,7 @@ def backwards():
 def folders(tmp_path_factory, shakespeare):
     """A small random Qwen3 (QK-norm, untied head), saved with a ChatML tokenizer: the reference;
     and a copy of it, every weight moved a little, the policy that RL has moved away from it."""
-    torch.manual_seed(0)
-    config = transformers.Qwen3Config(vocab_size=320, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=128,
-                                      tie_word_embeddings=False)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    tokenizer = chat_tokenizer(shakespeare[:20_000])
-    root = tmp_path_factory.mktemp("hf")
-    for name in ("reference", "policy"):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))  # norm gains away from 1
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return root / "reference", root / "policy"
+    return moved_copies("qwen3", tmp_path_factory.mktemp("hf"), shakespeare[:20_000])
 
 
 # the texts of the G replies to the first problem of a batch and to the second ({right}: its

@@ -13,7 +13,7 @@ import transformers
 from conftest import build_model, load_stage, quick_flags, stage_error
 from shared import device
 from shared.hub import weights_digest
-from test_chat import chat_tokenizer, short_chats
+from test_chat import moved_copies, short_chats
 
 lora = load_stage("09_lora")
 
@@ -38,20 +38,8 @@ def settings(model, rank=4, alpha=8.0, targets=lora.TARGETS, first_new_row=None)
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def hf_folder(request, tmp_path_factory, shakespeare):
     """A small random Llama (tied) or Qwen3 (QK-norm, untied), saved with a ChatML tokenizer."""
-    configs = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}
-    torch.manual_seed(0)
-    config = configs[request.param](vocab_size=320, hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, max_position_embeddings=128,
-                                    tie_word_embeddings=request.param == "llama")
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # norm gains away from 1
-    folder = tmp_path_factory.mktemp("hf") / request.param
-    model.save_pretrained(folder)
-    chat_tokenizer(shakespeare[:20_000]).save_pretrained(folder)
-    return folder
+    root = tmp_path_factory.mktemp("hf")
+    return moved_copies(request.param, root, shakespeare[:20_000], [request.param])[0]
 
 
 @pytest.mark.parametrize("targets", [lora.TARGETS, ["q_proj", "v_proj"]])
