@@ -1023,7 +1023,7 @@ def train(model, optimizer, task, template, args, device, step, history, on_chec
                     x, y, reward = rollout(raw_model.policy, task, template, problems, args,
                                            device)
                 advantages = group_advantages(reward, args.group_size, args.scale_rewards)
-                # with one update the ratio is 1; with more, each is to the replies' sampler
+                # with one update the ratio is 1; with more, it is to the model that sampled
                 old_logps = None
                 if args.updates > 1:
                     with torch.no_grad(), autocast(args, device):
