@@ -16,7 +16,7 @@ scratch, the presets and recipes of GPT-2's sizes, text corpora and token shards
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
 Expect: 80 steps of fine-tuning stage 07's model on Tiny Shakespeare's dialogue: val loss on the
 replies 2.41 -> 1.71; of 50 replies to val conversations, 2 ended their turn within 500 tokens
-before, 32 after; 12 s on a 2-core CPU (after stage 07's run, 60 s, if it has to be made first).
+before, 32 after; 12 s on a 2-core CPU (after stage 07's run, 41 s, if it has to be made first).
 Checkpoint in runs/08_chat/. Then talk to it:
     python 08_chat.py --chat
 """

@@ -17,7 +17,7 @@ Qwen3 model.
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
 Expect: 80 steps of LoRA on stage 07's model, on Tiny Shakespeare's dialogue: val loss on the
 replies 2.41 -> 1.47 (stage 08: 1.71); of 50 replies to val conversations, 2 ended their turn
-within 500 tokens before, 50 after; 11 s on a 2-core CPU, where stage 08 took 14 s.
+within 500 tokens before, 50 after; 11 s on a 2-core CPU, where stage 08 took 12 s.
 Checkpoint in runs/09_lora/. Then talk to it:
     python 09_lora.py --chat
 """
@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -285,6 +285,9 @@ class GPT(nn.Module):
         self.block_size = config.block_size
         # add_lora's settings; None: every weight trains
         self.lora = None
+        # the rows of the embedding and the head from here on are new to the weights, untrained:
+        # those grow_vocabulary adds for a chat template's tokens
+        self.first_new_row = config.vocab_size
         self.head_dim = config.head_dim or config.n_embd // config.n_head
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
         self.drop = nn.Dropout(config.dropout)
@@ -376,6 +379,7 @@ def grow_vocabulary(model, vocab_size):
         state[name] = torch.cat((rows, rows.mean(dim=0).expand(vocab_size - len(rows), -1)))
     grown = GPT(replace(model.config, vocab_size=vocab_size))
     grown.load_state_dict(state)
+    grown.first_new_row = model.first_new_row
     return grown
 
 
@@ -399,8 +403,12 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
+        # off: the layer is W alone (adapters_off)
+        self.enabled = True
 
     def forward(self, x):
+        if not self.enabled:
+            return F.linear(x, self.weight)
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
         return F.linear(x, self.weight) + self.scale * update
 
@@ -455,6 +463,24 @@ def merge(model):
     merged = GPT(model.config)
     merged.load_state_dict(state)
     return merged
+
+
+@contextmanager
+def adapters_off(model):
+    """The model as its base computes it, in eval mode, while the block runs: every adapter
+    switched off (peft's disable_adapter). The base is then there without a second copy in
+    memory, as the reference that preference tuning and RL measure the model against."""
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    was_training = model.training
+    model.eval()
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
+        model.train(was_training)
 
 
 # %% Training
@@ -677,18 +703,19 @@ def learning_rate(step, args):
 
 def train_step(model, optimizer, batches, args, step, scaler):
     """One optimizer step on the mean gradient of the batches (accumulated one after another)
-    and, under DDP, of every process's batches; returns their mean loss. In float16 the scaler
-    scales the loss up, so that small gradients don't round to zero, and back down before the
-    step."""
+    and, under DDP, of every process's batches; returns their mean loss. A batch is what the
+    model takes (here inputs and targets), and it returns what it computed and the loss. In
+    float16 the scaler scales the loss up, so that small gradients don't round to zero, and back
+    down before the step."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, args)
     total = 0.0
-    for i, (x, y) in enumerate(batches):
+    for i, batch in enumerate(batches):
         # DDP averages gradients across processes during backward; do it only on the last batch
         last = i == len(batches) - 1
         with nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
-            with autocast(args, x.device):
-                _, loss = model(x, y)
+            with autocast(args, batch[0].device):
+                _, loss = model(*batch)
             # the mean over batches, as if they were one big batch
             scaler.scale(loss / len(batches)).backward()
         total += loss.item() / len(batches)
@@ -810,13 +837,16 @@ def set_rng_state(states, rank, world_size):
         torch.cuda.set_rng_state(states[rank]["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, tokenizer, step, history, rng_states):
+def save_checkpoint(path, model, optimizer, tokenizer, step, history, rng_states, stage=STAGE,
+                    state=None):
     """Everything a run needs to go on where it stopped, as plain tensors, numbers and strings
     (so it loads with weights_only=True), written atomically: a crash mid-write leaves the
-    previous checkpoint as it was."""
-    checkpoint = {"stage": STAGE, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    previous checkpoint as it was. A stage built on this one names itself (stage) and keeps what
+    it needs of its own in state (stage 10: its reference's digest); None here."""
+    checkpoint = {"stage": stage, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "config": asdict(model.config), "tokenizer": tokenizer.identity(), "step": step,
-                  "history": history, "rng_states": rng_states, "lora": model.lora}
+                  "history": history, "rng_states": rng_states, "lora": model.lora,
+                  "state": state}
     if model.lora:
         # the adapters and the new rows alone; lora says where the base is, and its digest
         checkpoint["model"] = adapter_state(model)
@@ -828,10 +858,10 @@ def save_checkpoint(path, model, optimizer, tokenizer, step, history, rng_states
                         "the previous one, if any, is intact") from None
 
 
-def save_merged(path, model, tokenizer):
+def save_merged(path, model, tokenizer, stage=STAGE):
     """A model alone, its adapters folded in, with its config and tokenizer: what --merge writes,
     for this stage or stage 08 to fine-tune or talk to (not to resume), written atomically."""
-    checkpoint = {"stage": STAGE, "model": model.state_dict(), "config": asdict(model.config),
+    checkpoint = {"stage": stage, "model": model.state_dict(), "config": asdict(model.config),
                   "tokenizer": tokenizer.identity()}
     try:
         with atomic_write(path) as f:
@@ -841,10 +871,11 @@ def save_merged(path, model, tokenizer):
                         f"({err.strerror or err})") from None
 
 
-def read_checkpoint(path, model_only=False):
-    """A checkpoint of this stage, loaded with weights_only=True: only tensors and plain data are
-    rebuilt, so code hidden in a crafted file never runs. With model_only, the model that a run
-    of any stage saved, or a merged one alone: something to fine-tune or talk to, not to resume."""
+def read_checkpoint(path, model_only=False, reader=STAGE):
+    """A checkpoint of the reader, this stage or one built on it, loaded with weights_only=True:
+    only tensors and plain data are rebuilt, so code hidden in a crafted file never runs. With
+    model_only, the model that a run of any stage saved, or a merged one alone: something to
+    fine-tune or talk to, not to resume."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; train one first with --out {path.parent}")
@@ -854,19 +885,19 @@ def read_checkpoint(path, model_only=False):
         raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
                         "it may be truncated or from elsewhere") from None
     keys = {"stage", "model", "optimizer", "config", "tokenizer", "step", "history", "rng_states",
-            "lora"}
+            "lora", "state"}
     stage = checkpoint.get("stage") if isinstance(checkpoint, dict) else None
     found = set(checkpoint) if isinstance(stage, str) else set()
     if model_only:
         # a model alone, as a merged one is, or with what its run needs to go on
         fits = {"stage", "model", "config", "tokenizer"} <= found <= keys
     else:
-        fits = stage == STAGE and found == keys
-    if isinstance(stage, str) and stage != STAGE and not fits:
-        raise UserError(f"{path} is a checkpoint of {stage}.py, not of {STAGE}.py; "
+        fits = stage == reader and found == keys
+    if isinstance(stage, str) and stage != reader and not fits:
+        raise UserError(f"{path} is a checkpoint of {stage}.py, not of {reader}.py; "
                         f"sample it with python {stage}.py --sample --out {path.parent}")
     if not fits:
-        raise UserError(f"{path} is not a checkpoint written by this version of {STAGE}.py")
+        raise UserError(f"{path} is not a checkpoint written by this version of {reader}.py")
     return checkpoint
 
 
@@ -946,15 +977,13 @@ def lora_model(checkpoint, path):
     return model, template
 
 
-def lora_settings(args, model, template):
-    """The flags' LoRA settings, and what finds and checks the base, model."""
-    # a Hugging Face model's template has its rows already
-    new_tokens = isinstance(template, ChatTemplate)
-    first_new_row = template.tokenizer.vocab_size if new_tokens else model.config.vocab_size
+def lora_settings(args, model):
+    """The flags' LoRA settings, and what finds and checks the base, model; the rows it has not
+    learned yet train too (a chat template's tokens on a model of stage 07)."""
     targets = [name for name in TARGETS if name in args.lora_targets]
     return {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
             "lora_dropout": args.lora_dropout, "lora_targets": targets,
-            "first_new_row": first_new_row, "base": args.init_from or BASE,
+            "first_new_row": model.first_new_row, "base": args.init_from or BASE,
             "base_digest": weights_digest(model)}
 
 
@@ -1153,12 +1182,12 @@ def checkpoint_path(args):
     return Path(args.out) / "ckpt.pt"
 
 
-def starting_checkpoint(args):
-    """With --resume, the checkpoint to go on from, if it has steps left to train; for a new
-    run None, once it is clear that no trained model will be replaced without --overwrite."""
+def starting_checkpoint(args, stage=STAGE):
+    """With --resume, the checkpoint of stage to go on from, if it has steps left to train; for a
+    new run None, once it is clear that no trained model will be replaced without --overwrite."""
     path = checkpoint_path(args)
     if args.resume:
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path, reader=stage)
         step = checkpoint["step"]
         if step >= args.max_iters:
             raise UserError(f"{path} has trained its {step} steps of --max-iters; train on with "
@@ -1216,47 +1245,50 @@ def sample_only(args, device):
     print_samples(model, template, prompt, args, device, {"reply": sampler})
 
 
-def merge_only(args):
-    """--merge: the model in --out, its adapters folded in, into --out/merged: a model alone and,
-    of a Hugging Face model, a save_pretrained folder."""
+def merge_only(args, stage=STAGE):
+    """--merge: the model in --out (of a run of this stage or of one built on it), its adapters
+    folded in, into --out/merged: a model alone, which stage writes, and of a Hugging Face model a
+    save_pretrained folder."""
     path = checkpoint_path(args)
-    checkpoint = read_checkpoint(path)
-    if not checkpoint["lora"]:
+    checkpoint = read_checkpoint(path, model_only=True)
+    if not checkpoint.get("lora"):
         raise UserError(f"{path} has no adapters to merge (--lora-rank 0)")
     out = Path(args.out) / "merged"
     if (out / "ckpt.pt").exists() and not args.overwrite:
         raise UserError(f"{out} holds a merged model already; replace it with --overwrite")
     model, template = lora_model(checkpoint, path)
     merged = merge(model)
-    save_merged(out / "ckpt.pt", merged, template)
+    save_merged(out / "ckpt.pt", merged, template, stage)
     if isinstance(template, HuggingFaceChat):
         weights = {hugging_face_name(name): p for name, p in merged.named_parameters()}
         export_pretrained(checkpoint["lora"]["base"], weights, template.tokenizer, out)
-    print(f"merged into {out}; talk to it with python {STAGE}.py --chat --out {out}")
+    print(f"merged into {out}; talk to it with python {stage}.py --chat --out {out}")
 
 
-def make_base():
-    """The default run of BASE_SCRIPT, into BASE, as a process of its own: the model that
-    fine-tuning starts from without --init-from, to the last bit the one that python BASE_SCRIPT
-    makes."""
+def make_base(base=BASE, command=(BASE_SCRIPT,)):
+    """The model in base, made by python command (a stage's script, and its flags) as a process
+    of its own: the model that fine-tuning starts from without --init-from, to the last bit the
+    one that command makes. By default the default run of BASE_SCRIPT, into BASE."""
+    line = " ".join(command)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UserError(f"{BASE} holds no model yet: make it first with python {BASE_SCRIPT}")
-    print(f"{BASE} holds no model yet: making it first with python {BASE_SCRIPT}", flush=True)
+        raise UserError(f"{base} holds no model yet: make it first with python {line}")
+    print(f"{base} holds no model yet: making it first with python {line}", flush=True)
     # a Ctrl-C reaches that process too, which saves its run and stops: wait for it
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        status = subprocess.run([sys.executable, str(ROOT / BASE_SCRIPT)]).returncode
+        status = subprocess.run([sys.executable, str(ROOT / command[0]), *command[1:]]).returncode
     finally:
         signal.signal(signal.SIGINT, handler)
     if status:
-        raise UserError(f"python {BASE_SCRIPT} stopped before it finished (status {status}); "
-                        f"finish it with python {BASE_SCRIPT} --resume, then run this again")
+        raise UserError(f"python {command[0]} stopped before it finished (status {status}); "
+                        f"finish it with python {line} --resume, then run this again")
 
 
-def make_model(args, checkpoint, device):
+def make_model(args, checkpoint, device, rows_per_example=1):
     """The model to fine-tune, on the device, and its chat template: the checkpoint's when
     resuming; else --init-from's, or without it stage 07's default run (made first if it is
-    missing). Checked first to fit in the device's memory."""
+    missing). Checked first to fit in the device's memory, a step being --batch-size examples of
+    rows_per_example sequences each (a preference pair is two)."""
     if checkpoint:
         check_resumable(checkpoint, args, checkpoint_path(args))
         model, template = load_model(args.out, args.block_size, args.dropout, checkpoint)
@@ -1269,10 +1301,10 @@ def make_model(args, checkpoint, device):
                             f"python {STAGE}.py --merge --out {args.init_from}, then --init-from "
                             f"{Path(args.init_from) / 'merged'}")
         if args.lora_rank:
-            add_lora(model, lora_settings(args, model, template))
+            add_lora(model, lora_settings(args, model))
     # the context fine-tuning takes: the model's own, without --block-size
     args.block_size = model.block_size
-    check_memory(model, args, device)
+    check_memory(model, args, device, rows_per_example * args.batch_size)
     return model.to(device), template
 
 

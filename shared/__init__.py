@@ -5,8 +5,9 @@ corpus (shards, written by prepare), Hugging Face loading and export (hub), the 
 and the side-by-side site (site). Here: the stages and their descriptions, and what the modules
 share (UserError, atomic_write, sha256).
 
-The models, their training loops and their samplers live in the numbered scripts, repeated on
-purpose so that each one reads on its own and diffs cleanly against the one before.
+The models, their training loops and their samplers live in the numbered scripts. From 01 to 09
+(the trunk) they are repeated on purpose, so that each stage reads on its own and diffs cleanly
+against the one before; a stage after 09 imports them from 09 and holds only its own idea.
 """
 import ast
 import hashlib
@@ -17,11 +18,24 @@ from pathlib import Path
 
 # the project's folder: the stage scripts, data/, docs/
 ROOT = Path(__file__).resolve().parent.parent
+# the last stage of the chain in which each is the one before plus one idea; the stages after it
+# build on it by importing it
+TRUNK = "09_lora"
 
 
 def stages():
     """The numbered stage scripts' names, in order: 01_bigram, 02_single_head, ..."""
     return sorted(path.stem for path in ROOT.glob("[0-9][0-9]_*.py"))
+
+
+def chain():
+    """The stages from 01_bigram to TRUNK, each whole, each read as its diff from the one before."""
+    return [name for name in stages() if name <= TRUNK]
+
+
+def built_on_trunk():
+    """The stages that import TRUNK and hold only their own idea, each read whole: 10_dpo, ..."""
+    return [name for name in stages() if name > TRUNK]
 
 
 def description(stage):

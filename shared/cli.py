@@ -106,18 +106,20 @@ def in_notebook():
 
 
 def parse_args(argv, stage, doc, hyperparameters, add_flags=None, has_attention=False,
-               data_help="train on this UTF-8 text file instead of Tiny Shakespeare"):
-    """Every hyperparameter of the stage becomes a flag (batch_size -> --batch-size), plus the
-    flags all stages share, --plot-attention where the model has attention, and any flags that
-    add_flags(parser) adds; --help tells the first paragraph of the stage's docstring, doc. Bad
-    values stop the program with one sentence and status 2. In a notebook, argv is the
-    notebook_flags of the hyperparameters cell, over its defaults, and --out defaults to
-    runs/<stage>, so that the pictures are drawn and shown."""
+               data_help="train on this UTF-8 text file instead of Tiny Shakespeare", helps=None):
+    """Every hyperparameter of the stage becomes a flag (batch_size -> --batch-size, told by
+    helps[name] if the stage says what it is, else by HELP), plus the flags all stages share,
+    --plot-attention where the model has attention, and any flags that add_flags(parser) adds; a
+    flag added again replaces the first (a stage that builds on another tells one of its flags
+    anew). --help tells the first paragraph of the stage's docstring, doc. Bad values stop the
+    program with one sentence and status 2. In a notebook, argv is the notebook_flags of the
+    hyperparameters cell, over its defaults, and --out defaults to runs/<stage>, so that the
+    pictures are drawn and shown."""
     parser = Parser(description=(doc or stage).split("\n\n")[0], allow_abbrev=False,
-                    formatter_class=HelpFormatter)
+                    formatter_class=HelpFormatter, conflict_handler="resolve")
     for name, default in hyperparameters.items():
         parser.add_argument("--" + name.replace("_", "-"), type=checked(name, type(default)),
-                            default=default, help=HELP.get(name, name),
+                            default=default, help={**HELP, **(helps or {})}.get(name, name),
                             metavar=type(default).__name__.upper())
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="auto picks cuda, then mps, then cpu")

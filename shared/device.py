@@ -126,9 +126,10 @@ def gigabytes(n):
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 
 
-def check_memory(model, args, device):
-    """Refuse, in one sentence, a run that would not fit in the device's memory."""
-    needed = training_memory(model, args.batch_size, args.block_size)
+def check_memory(model, args, device, rows=None):
+    """Refuse, in one sentence, a run that would not fit in the device's memory: a step of rows
+    sequences of --block-size tokens (--batch-size of them if not given)."""
+    needed = training_memory(model, rows or args.batch_size, args.block_size)
     available = available_memory(device)
     if available is None or needed <= available:
         return
