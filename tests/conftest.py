@@ -1,10 +1,12 @@
 import contextlib
+import fcntl
 import importlib
 import io
 import itertools
 import json
 import os
 import shutil
+import types
 from pathlib import Path
 
 # pytest.ini runs the tests in as many processes as there are cores (pytest-xdist): one thread
@@ -16,6 +18,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 import pytest  # noqa: E402 (after the thread count, which torch reads when imported)
 import torch  # noqa: E402
 
+from shared import built_on_trunk, chain
 from shared.cli import run
 from shared.data import read_text
 from shared.tokenizer import CharTokenizer
@@ -25,6 +28,9 @@ STAGES = ["01_bigram", "02_single_head", "03_multi_head", "04_block"]  # built b
 GPT_STAGES = ["05_gpt", "06_train_for_real", "07_modern", "08_chat", "09_lora", "10_dpo",
               "11_grpo"]
 ALL_STAGES = STAGES + GPT_STAGES
+# 01 to 09, each whole, each the one before plus one idea; the stages after 09, which import it
+CHAIN = chain()
+ON_TRUNK = built_on_trunk()
 # the stages that tune a trained model (post-training): on conversations, on preferences, then
 # from rewards
 POST_TRAINING = ["08_chat", "09_lora", "10_dpo", "11_grpo"]
@@ -40,8 +46,9 @@ SMALL_GPT = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size"
 
 # The files that take longest run first, so that none of them is left to run alone on one core
 # at the end (pytest.ini turns off xdist's own order, most tests first, which put them last)
-SLOWEST_FILES = ["test_ddp.py", "test_notebook.py", "test_train_for_real.py", "test_device.py",
-                 "test_chat.py", "test_robustness.py", "test_report.py"]
+SLOWEST_FILES = ["test_ddp.py", "test_site.py", "test_notebook.py", "test_train_for_real.py",
+                 "test_stages.py", "test_device.py", "test_resume.py", "test_robustness.py",
+                 "test_report.py", "test_chat.py", "test_same_numbers.py"]
 
 
 def pytest_collection_modifyitems(items):
@@ -117,20 +124,63 @@ def tokenizer(shakespeare):
     return CharTokenizer(shakespeare)
 
 
-@pytest.fixture(params=ALL_STAGES)
+@pytest.fixture(params=CHAIN)
 def stage(request):
+    """Each stage that has a model, a training loop and samplers of its own: 01 to 09."""
     return load_stage(request.param)
+
+
+def made_once(tmp_path_factory, name, make):
+    """The folder name, made by make(folder) once for every test process, then only read: the
+    processes of pytest-xdist share the folder that their temporary folders are in, and a lock
+    there makes the others wait for the first."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.made").exists():
+            with contextlib.redirect_stdout(io.StringIO()):
+                make(root / name)
+            (root / f"{name}.made").touch()
+    return root / name
 
 
 @pytest.fixture(scope="session")
 def base(tmp_path_factory):
     """The folder of a quick run of stage 07 with a context that Shakespeare's short exchanges fit
-    in: the trained model that the quick runs of the chat stages fine-tune."""
-    out = tmp_path_factory.mktemp("base")
-    with contextlib.redirect_stdout(io.StringIO()):
+    in: the trained model that the quick runs of 08 and 09 fine-tune. In its folder chat/, a
+    quick run of 08 on it: the chat model that the quick runs of the stages built on 09 tune.
+    Beside each, preference pairs for stage 10."""
+
+    def make(out):
         load_stage("07_modern").main([*quick_flags("07_modern", out), "--block-size", "64"])
-    write_preferences(out / PAIRS)
-    return out
+        load_stage("08_chat").main(quick_flags("08_chat", out / "chat", out))
+        write_preferences(out / PAIRS)
+        write_preferences(out / "chat" / PAIRS)
+
+    return made_once(tmp_path_factory, "base", make)
+
+
+@pytest.fixture(scope="session")
+def backwards_base(base, tmp_path_factory):
+    """Stage 08 fine-tuned for 200 steps on stage 11's task (a word written backwards, every train
+    word with its answer), from the quick run of 07: a small chat model that solves about a third
+    of the held-out words, so that RL on it has something to push up."""
+
+    def make(out):
+        task = load_stage("11_grpo").Backwards(types.SimpleNamespace(data=None))
+        lines = [json.dumps({"messages": [*task.messages(word), {"role": "assistant",
+                                                                 "content": task.answer(word)}]})
+                 for word in task.train]
+        out.mkdir()
+        (out / "sft.jsonl").write_text("".join(line + "\n" for line in lines))
+        load_stage("08_chat").main(["--init-from", str(base), "--data", str(out / "sft.jsonl"),
+                                    "--out", str(out), "--max-iters", "200",
+                                    "--eval-interval", "200", "--eval-iters", "2",
+                                    "--max-new-tokens", "0", "--seed", "0", "--lr", "3e-3"])
+
+    return made_once(tmp_path_factory, "backwards", make)
 
 
 # beside the base: preference pairs for stage 10, so that its quick runs make none of their own
@@ -150,7 +200,11 @@ def write_preferences(path, count=40):
 
 
 def stage_base(name, base):
-    """base for a chat stage, None for the others: quick_flags' last argument."""
+    """The model a quick run of stage name tunes, from the base fixture's folder: the quick run of
+    07 for 08 and 09, the chat model beside it for the stages built on 09, None for the stages
+    that train their own; quick_flags' last argument."""
+    if name in ON_TRUNK:
+        return base / "chat"
     return base if name in POST_TRAINING else None
 
 

@@ -1,14 +1,16 @@
-"""One idea per stage: each diff between consecutive stages within its budget, the definitions
-the new idea does not touch the same character for character, main's steps in the same order."""
+"""One idea per stage. From 01 to 09: each diff between consecutive stages within its budget, the
+definitions the new idea does not touch the same character for character, main's steps in the
+same order. From 10 on: a stage imports 09 and copies none of its definitions, stays within its
+size, and opens with its own idea."""
 import ast
 import itertools
 
 import pytest
 
-from conftest import ALL_STAGES, POST_TRAINING, PREFERENCES, REWARDS, ROOT
+from conftest import CHAIN, ON_TRUNK, POST_TRAINING, ROOT
 from shared.site import changed_tokens
 
-PAIRS = list(itertools.pairwise(ALL_STAGES))
+PAIRS = list(itertools.pairwise(CHAIN))
 # The most each diff may change, in tokens (changed_tokens): about 10% over its size, so that an
 # idea can't grow unnoticed. Raise one only for its idea, and say why in the commit.
 BUDGETS = {("01_bigram", "02_single_head"): 610, ("02_single_head", "03_multi_head"): 250,
@@ -21,15 +23,11 @@ BUDGETS = {("01_bigram", "02_single_head"): 610, ("02_single_head", "03_multi_he
            # context that keeps dropped conversations, a val loss that rose said (4,525)
            ("07_modern", "08_chat"): 4980,
            # 2,000 at first; then the merged model's own writer and the adapters' base named in
-           # the docstring
-           ("08_chat", "09_lora"): 2250,
-           # preference pairs, made from the model's own replies by default, DPO's loss and its
-           # reference (adapters off, or a frozen copy), trl's statistics, the measured property
-           ("09_lora", "10_dpo"): 3750,
-           # a task a program makes and checks (and GSM8K's checker), the base fine-tuned on it,
-           # rollouts, group advantages, GRPO's loss with its switches (three normalisations, the
-           # clip, the KL penalty), pass@1 and pass@G; DPO's pairs and loss gone
-           ("10_dpo", "11_grpo"): 6550}
+           # the docstring (2,048); then what the stages built on 09 take from it (2,435):
+           # adapters switched off (peft's disable_adapter), the rows a template added marked as
+           # new, a checkpoint's stage and its own state, a step on any loss, a base made by any
+           # command, a memory check for examples of several rows
+           ("08_chat", "09_lora"): 2680}
 # the loop of 01-04, whole
 COMMON = ["estimate_loss", "progress", "check_finite", "train", "generate"]
 # The definitions each stage takes over from the one before without changing a character.
@@ -66,47 +64,20 @@ UNCHANGED = {
                                "model_from_checkpoint", "check_resumable", "greedy",
                                "top_k_filter", "top_p_filter", "sample_next", "checkpoint_path",
                                "starting_checkpoint", "trained_at", "start_processes"],
-    # LoRA changes what trains, and what a checkpoint holds; the rest is 08's
+    # LoRA changes what trains, and what a checkpoint holds; the rest is 08's (but for what the
+    # stages built on 09 take from it: grow_vocabulary marks the rows it adds, which LoRA trains;
+    # train_step takes any loss, starting_checkpoint any stage's, make_base any command)
     ("08_chat", "09_lora"): ["BASE_SCRIPT", "BASE", "GPTConfig", "RECIPES", "KVCache",
                              "rope_table", "rotate", "CausalSelfAttention",
                              "causal_attention_weights", "MLP", "Block", "unsupported",
-                             "hugging_face_name", "grow_vocabulary", "ChatTemplate", "fit",
-                             "fine_tuning_data", "get_batch", "estimate_loss", "progress",
-                             "check_finite", "resolve_dtype", "autocast", "Optimizers",
-                             "learning_rate", "train_step", "StopOnSignal", "train",
-                             "rng_states", "set_rng_state", "model_from_checkpoint", "greedy",
-                             "top_k_filter", "top_p_filter", "sample_next", "generate", "stream",
-                             "chat", "DATA_HELP", "checkpoint_path", "starting_checkpoint",
-                             "trained_at", "start_processes", "sample_only", "make_base",
+                             "hugging_face_name", "ChatTemplate", "fit", "fine_tuning_data",
+                             "get_batch", "estimate_loss", "progress", "check_finite",
+                             "resolve_dtype", "autocast", "Optimizers", "learning_rate",
+                             "StopOnSignal", "train", "rng_states", "set_rng_state",
+                             "model_from_checkpoint", "greedy", "top_k_filter", "top_p_filter",
+                             "sample_next", "generate", "stream", "chat", "DATA_HELP",
+                             "checkpoint_path", "trained_at", "start_processes", "sample_only",
                              "train_everywhere", "print_samples", "demo"],
-    # DPO changes what a batch is and its loss; the model, LoRA, loading and sampling are 09's
-    ("09_lora", "10_dpo"): ["GPTConfig", "KVCache", "rope_table", "rotate", "CausalSelfAttention",
-                            "causal_attention_weights", "MLP", "Block", "unsupported",
-                            "hugging_face_name", "GPT", "grow_vocabulary", "TARGETS", "TABLES",
-                            "add_lora", "adapter_state", "merge", "ChatTemplate", "progress",
-                            "check_finite", "resolve_dtype", "autocast", "Optimizers",
-                            "configure_optimizer", "learning_rate", "train_step", "StopOnSignal",
-                            "rng_states", "set_rng_state", "save_merged", "model_from_checkpoint",
-                            "check_resumable", "stage_folder", "load_model", "lora_model",
-                            "greedy", "top_k_filter", "top_p_filter", "sample_next", "generate",
-                            "stream", "chat", "checkpoint_path", "starting_checkpoint",
-                            "trained_at", "start_processes", "sample_only", "merge_only",
-                            "make_base", "describe", "ended_its_turn", "print_samples"],
-    # GRPO changes what a step is and its loss; the model, LoRA, loading, checkpoints and sampling
-    # are 10's
-    ("10_dpo", "11_grpo"): ["BASE_SCRIPT", "GPTConfig", "KVCache", "rope_table", "rotate",
-                            "CausalSelfAttention", "causal_attention_weights", "MLP", "Block",
-                            "unsupported", "hugging_face_name", "GPT", "grow_vocabulary",
-                            "TARGETS", "TABLES", "LoRALinear", "add_lora", "adapter_state",
-                            "merge", "ChatTemplate", "check_finite", "resolve_dtype", "autocast",
-                            "Optimizers", "configure_optimizer", "learning_rate", "StopOnSignal",
-                            "rng_states", "set_rng_state", "save_merged", "read_checkpoint",
-                            "model_from_checkpoint", "check_resumable", "stage_folder",
-                            "load_model", "lora_model", "lora_settings", "greedy", "top_k_filter",
-                            "top_p_filter", "sample_next", "generate", "stream", "chat",
-                            "checkpoint_path", "starting_checkpoint", "trained_at",
-                            "start_processes", "sample_only", "merge_only", "ended_its_turn",
-                            "print_samples"],
 }
 # main's steps, in this order: of the stages that build a model and train it from scratch, and of
 # those that fine-tune a trained one (post-training)
@@ -114,12 +85,6 @@ SKELETON = ["parse_args", "select_device", "load_dataset", "build_model", "train
             "plot_attention", "generate"]
 POST_TRAINING_SKELETON = ["parse_args", "select_device", "load_conversations", "load_model",
                           "train", "save_metrics", "plot_attention", "generate"]
-# (stage 10 samples its default pairs from the model before it trains)
-PREFERENCE_SKELETON = ["parse_args", "select_device", "load_preferences", "load_model", "generate",
-                       "train", "save_metrics", "plot_attention"]
-# (stage 11's problems come from its task, which samples its replies itself while training)
-REWARD_SKELETON = ["parse_args", "select_device", "load_model", "train", "save_metrics",
-                   "plot_attention", "generate"]
 # main's other paths, which end the run before training: sampling alone, merging adapters
 OTHER_PATHS = ["sample_only", "merge_only"]
 
@@ -163,10 +128,6 @@ def main_calls(found, steps=SKELETON):
 
 
 def skeleton_of(name):
-    if name in PREFERENCES:
-        return PREFERENCE_SKELETON
-    if name in REWARDS:
-        return REWARD_SKELETON
     return POST_TRAINING_SKELETON if name in POST_TRAINING else SKELETON
 
 
@@ -195,7 +156,7 @@ def test_consecutive_stages_differ_only_by_their_concept(pair):
         assert new.get(name) == old[name], f"{name} changed from {pair[0]} to {pair[1]}"
 
 
-@pytest.mark.parametrize("name", ALL_STAGES)
+@pytest.mark.parametrize("name", CHAIN)
 def test_main_has_the_same_skeleton_in_every_stage(name):
     skeleton = skeleton_of(name)
     # a table has no attention to plot
@@ -227,3 +188,59 @@ def test_layout_costs_no_tokens_and_words_do():
     assert changed_tokens(one_line, "x = g(a, b)  # the sum of a and b\n") == 2  # f out, g in
     # a string counts its words: one out, one in
     assert changed_tokens('x = f("of a and b")\n', 'x = f("of a and c")\n') == 2
+
+
+# ------------------------------------------------------------------ the stages built on stage 09
+
+# The most lines each stage built on 09 may have: about 10% over its size (10: 568 lines, 11:
+# 733), under the ~700 and ~850 asked for when they were split off from 09. Raise one only for
+# its idea, and say why in the commit.
+SIZES = {"10_dpo": 620, "11_grpo": 800}
+# the docstring, the imports (09's names among them) and the hyperparameters come first, then the
+# stage's idea: its first definition within the first this many lines (nanochat's chat_rl.py
+# starts its idea at line 86)
+IDEA_BY = 130
+
+
+def copies_of_trunk(name, source=None):
+    """The definitions of stage name that are 09's, character for character (a copy where an
+    import belongs); its notebook_flags, each stage's own command line in a notebook, aside."""
+    trunk, own = definitions("09_lora"), definitions(name, source)
+    return [key for key, text in own.items()
+            if key != "notebook_flags" and text in trunk.values()]
+
+
+@pytest.mark.parametrize("name", ON_TRUNK)
+def test_a_stage_built_on_09_imports_it_and_copies_none_of_its_definitions(name):
+    source = (ROOT / f"{name}.py").read_text()
+    assert 'stage09 = importlib.import_module("09_lora")' in source
+    assert copies_of_trunk(name) == []
+    # what it takes from 09, it takes under 09's name, and uses
+    tree = ast.parse(source)
+    taken = [node for node in tree.body
+             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute)
+             and ast.unparse(node.value.value) == "stage09"]
+    assert len(taken) > 10
+    assert all(node.targets[0].id == node.value.attr for node in taken)
+    used = {node.id for node in ast.walk(tree)
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    assert [node.value.attr for node in taken if node.value.attr not in used] == []
+
+
+def test_the_copy_test_finds_a_copy():
+    source = (ROOT / "10_dpo.py").read_text()
+    greedy = definitions("09_lora")["greedy"]
+    assert copies_of_trunk("10_dpo", source + "\n\n" + greedy) == ["greedy"]
+
+
+@pytest.mark.parametrize("name", ON_TRUNK)
+def test_a_stage_built_on_09_stays_within_its_size_and_opens_with_its_idea(name):
+    source = (ROOT / f"{name}.py").read_text()
+    assert len(source.splitlines()) <= SIZES[name]
+    first = next(node for node in ast.parse(source).body
+                 if isinstance(node, (ast.FunctionDef, ast.ClassDef)))
+    assert first.lineno <= IDEA_BY, f"{name}'s first definition, {first.name}, is at {first.lineno}"
+    assert first.name not in ("add_flags", "parse_flags", "main")
+    # after the hyperparameters' cell
+    flags_line = source[:source.index("notebook_flags = []")].count("\n") + 1
+    assert flags_line < first.lineno

@@ -17,6 +17,8 @@ peft = pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
 
 dpo = load_stage("10_dpo")
+# what it builds on: the model, LoRA and the chat template are stage 09's
+trunk = load_stage("09_lora")
 BETA = 0.1
 
 
@@ -42,7 +44,7 @@ def lora_flags(rank, folder=None):
     """The flags of LoRA of rank (alpha 2 rank) on every projection of the model --init-from
     folder."""
     return types.SimpleNamespace(lora_rank=rank, lora_alpha=2.0 * rank, lora_dropout=0.0,
-                                 lora_targets=dpo.TARGETS, init_from=folder)
+                                 lora_targets=trunk.TARGETS, init_from=folder)
 
 
 def as_read(pairs):
@@ -90,22 +92,22 @@ def test_the_loss_and_statistics_equal_trls(folders, pairs, tmp_path, reference,
         config = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, sft_weight])
     if reference == "adapters off":
         # A and B both random, so that the policy is not its reference
-        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=dpo.TARGETS, lora_dropout=0.0,
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=trunk.TARGETS, lora_dropout=0.0,
                                init_lora_weights=False)
         trainer, batch, loss, logged = trl_step(reference_folder, pairs, tmp_path,
                                                 peft_config=lora, **config)
         model, _ = dpo.load_model(str(reference_folder))
-        dpo.add_lora(model, dpo.lora_settings(lora_flags(4, str(reference_folder)), model))
+        trunk.add_lora(model, trunk.lora_settings(lora_flags(4, str(reference_folder)), model))
         state = trainer.model.state_dict()
         copied = 0
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_" in name:
                     module, matrix = name.rsplit(".", 1)
-                    p.copy_(state[f"base_model.model.{dpo.hugging_face_name(module)}.{matrix}"
-                                  ".default.weight"])
+                    their_name = trunk.hugging_face_name(module)
+                    p.copy_(state[f"base_model.model.{their_name}.{matrix}.default.weight"])
                     copied += 1
-        assert copied == 2 * 2 * len(dpo.TARGETS)
+        assert copied == 2 * 2 * len(trunk.TARGETS)
         ours = dpo.DPO(model, None, BETA, sft_weight)
     else:
         theirs = transformers.AutoModelForCausalLM.from_pretrained(reference_folder)
@@ -146,10 +148,11 @@ def test_the_pairs_are_rendered_as_trl_renders_them(folders, pairs, tmp_path):
 def small(tokenizer, pairs):
     """A small model of ours with stage 08's template, every weight random, and a batch of the
     pairs (chosen rows, then rejected) as fit and get_batch make it."""
-    template = dpo.ChatTemplate(tokenizer)
+    template = trunk.ChatTemplate(tokenizer)
     torch.manual_seed(0)
-    model = dpo.GPT(dpo.GPTConfig(block_size=96, vocab_size=template.vocab_size, n_layer=2,
-                                  n_head=2, n_embd=32))
+    config = trunk.GPTConfig(block_size=96, vocab_size=template.vocab_size, n_layer=2, n_head=2,
+                             n_embd=32)
+    model = trunk.GPT(config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))  # the zero-initialized projections too
@@ -163,7 +166,7 @@ def small(tokenizer, pairs):
 def test_a_policy_equal_to_its_reference_has_loss_ln_2_and_no_reward(small, rank):
     model, x, y = small
     if rank:
-        dpo.add_lora(model, dpo.lora_settings(lora_flags(rank), model))  # B at zero
+        trunk.add_lora(model, trunk.lora_settings(lora_flags(rank), model))  # B at zero
     reference = dpo.make_reference(lora_flags(rank), model, None, torch.device("cpu"))
     # under LoRA the reference is the model itself, its adapters off
     assert (reference is None) == bool(rank)
@@ -186,7 +189,7 @@ def reference_logps(ours, x, y):
 def test_only_the_policy_trains_and_the_reference_stays_as_it_was(small, rank):
     model, x, y = small
     if rank:
-        dpo.add_lora(model, dpo.lora_settings(lora_flags(rank), model))
+        trunk.add_lora(model, trunk.lora_settings(lora_flags(rank), model))
     reference = dpo.make_reference(lora_flags(rank), model, None, torch.device("cpu"))
     ours = dpo.DPO(model, reference, BETA, 0.0)
     ours(x, y)[1].backward()

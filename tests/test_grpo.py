@@ -2,6 +2,7 @@
 raising a made-up task's reward."""
 import itertools
 import json
+import time
 import types
 
 import pytest
@@ -18,6 +19,8 @@ datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
 
 grpo = load_stage("11_grpo")
+# what it builds on: the model, LoRA and the chat template are stage 09's
+trunk = load_stage("09_lora")
 CPU = torch.device("cpu")
 # replies to each problem (G), the clip's epsilon and the KL penalty's beta, where on
 G = 4
@@ -147,7 +150,7 @@ def test_the_advantages_loss_and_gradients_equal_trls(folders, backwards, tmp_pa
         policy.zero_grad(set_to_none=True)
         loss = trainer.compute_loss(trainer.model, inputs)
         loss.backward()
-        our_loss = ours(x, y, advantages, old)
+        _, our_loss = ours(x, y, advantages, old)
         our_loss.backward()
         logged = {name: values[-1] for name, values in trainer._metrics["train"].items()}
         # the clip acts where asked to, and only there
@@ -160,7 +163,7 @@ def test_the_advantages_loss_and_gradients_equal_trls(folders, backwards, tmp_pa
             assert logged["kl"] > 1e-3 and abs(kl.item() - logged["kl"]) <= 1e-5
         theirs = dict(trainer.model.named_parameters())
         for name, p in policy.named_parameters():
-            their_grad = theirs[grpo.hugging_face_name(name)].grad
+            their_grad = theirs[trunk.hugging_face_name(name)].grad
             assert (p.grad - their_grad).abs().max() <= 1e-5, name
         assert policy.lm_head.weight.grad.abs().max() > 1e-3
 
@@ -192,11 +195,11 @@ class FirstLetter:
 @pytest.fixture
 def tiny():
     """A small random model of ours over the letters a and b, with stage 08's template."""
-    template = grpo.ChatTemplate(CharTokenizer("ab"))
+    template = trunk.ChatTemplate(CharTokenizer("ab"))
     torch.manual_seed(0)
-    config = grpo.GPTConfig(block_size=16, vocab_size=template.vocab_size, n_layer=1, n_head=2,
-                            n_embd=16)
-    return grpo.GPT(config), template
+    config = trunk.GPTConfig(block_size=16, vocab_size=template.vocab_size, n_layer=1, n_head=2,
+                             n_embd=16)
+    return trunk.GPT(config), template
 
 
 def test_rollout_learns_the_replies_only_and_rewards_those_that_ended(tiny, monkeypatch):
@@ -241,7 +244,7 @@ def test_a_group_all_right_or_all_wrong_teaches_nothing(tiny, loss_norm):
                 advantages = grpo.group_advantages(torch.tensor(rewards), G, scale)
                 assert (advantages != 0).any() == teaches
                 model.zero_grad(set_to_none=True)
-                ours(x, y, advantages, old).backward()
+                ours(x, y, advantages, old)[1].backward()
                 largest = max(p.grad.abs().max() for p in model.parameters())
                 assert (largest > 0) == teaches
 
@@ -382,3 +385,13 @@ def test_grpo_of_a_hugging_face_model_on_gsm8k_with_adapters_then_merged_and_exp
     x = torch.randint(320, (2, 24))
     with torch.no_grad():
         assert (model.eval()(x)[0] - exported(x).logits).abs().max() <= 1e-5
+
+
+def test_the_progress_line_counts_the_replies_a_step_samples(monkeypatch):
+    """Stage 09's line (tests/test_stages.py has its cases), with replies a second in place of
+    tokens: 8 to each of 8 problems a step, 100 steps in 10 s."""
+    monkeypatch.setattr(time, "time", lambda: 1000.0)
+    args = types.SimpleNamespace(batch_size=8, group_size=8, grad_accum_steps=1, world_size=1,
+                                 max_iters=1000, eval_interval=100)
+    line = grpo.progress(200, args, (100, 980.0, 20.0), 30.0, 3)
+    assert line == " | 100.0 ms/step, 640 replies/s, 0:02:40 left"

@@ -12,6 +12,7 @@ import torch
 from conftest import (
     ALL_STAGES,
     GPT_STAGES,
+    ON_TRUNK,
     PAIRS,
     POST_TRAINING,
     REWARDS,
@@ -175,6 +176,11 @@ def test_the_smallest_sizes_train(capsys, tmp_path, name):
         base = tmp_path / "base"
         load_stage("07_modern").main([*quick_flags("07_modern", base), *SMALLEST["07_modern"],
                                       "--block-size", "20", "--batch-size", "1"])
+    if name in ON_TRUNK:
+        # the stages built on 09 tune a chat model: 08 on the smallest model of 07
+        load_stage("08_chat").main([*quick_flags("08_chat", base / "chat", base),
+                                    "--block-size", "20", "--batch-size", "1"])
+        base = base / "chat"
         write_preferences(base / PAIRS)
     load_stage(name).main([*quick_flags(name, tmp_path / "run", base), *SMALLEST[name],
                            "--block-size", CONTEXT.get(name, "1"),

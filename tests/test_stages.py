@@ -1,22 +1,13 @@
-"""Every stage against reference shapes, the loss at initialisation, falling loss, causality,
-attention weights, generation, and the progress line."""
-import copy
+"""Every stage with a model of its own (01 to 09; the stages built on 09 use its) against
+reference shapes, the loss at initialisation, falling loss, causality, attention weights,
+generation, and the progress line."""
 import math
 import time
 
 import pytest
 import torch
 
-from conftest import (
-    GPT_STAGES,
-    POST_TRAINING,
-    PREFERENCES,
-    REWARDS,
-    STAGES,
-    attention_heads,
-    build_model,
-    load_stage,
-)
+from conftest import CHAIN, POST_TRAINING, STAGES, attention_heads, build_model, load_stage
 from shared.cli import parse_args
 from shared.data import load_dataset
 
@@ -29,9 +20,8 @@ def tiny_args(stage, *flags):
     flags = ["--batch-size", "8", "--block-size", "16", "--eval-iters", "4", "--seed", "0", *flags]
     if stage.__name__ in STAGES:
         return parse_args(flags, stage.STAGE, stage.__doc__, stage.hyperparameters)
-    defaults = stage.flag_defaults("cpu") if stage.__name__ not in POST_TRAINING else (
-        stage.RECIPES["dpo" if stage.__name__ in PREFERENCES else
-                      "grpo" if stage.__name__ in REWARDS else "chat"])
+    defaults = (stage.RECIPES["chat"] if stage.__name__ in POST_TRAINING
+                else stage.flag_defaults("cpu"))
     args = parse_args(["--warmup-iters", "2", *flags], stage.STAGE, stage.__doc__, defaults,
                       stage.add_flags)
     args.dtype, args.world_size = "float32", 1
@@ -59,15 +49,7 @@ def train(stage, model, train_data, val_data, args):
     def no_checkpoint(step, history):
         return None
 
-    if stage.__name__ in PREFERENCES:
-        # pairs of windows, each preferred to the next, against a frozen copy of the model
-        (x, y), (val_x, val_y) = (examples(data, args.block_size)
-                                  for data in (train_data, val_data))
-        pairs = [(torch.stack((x[:-1], x[1:]), dim=1), torch.stack((y[:-1], y[1:]), dim=1))
-                 for x, y in ((x, y), (val_x, val_y))]
-        dpo = stage.DPO(model, copy.deepcopy(model).requires_grad_(False).eval(), 0.1, 0.0)
-        history, *_ = stage.train(dpo, optimizer, *pairs, args, device, 0, [], no_checkpoint)
-    elif stage.__name__ in POST_TRAINING:
+    if stage.__name__ in POST_TRAINING:
         train_data, val_data = (examples(data, args.block_size) for data in (train_data, val_data))
         history, *_ = stage.train(model, optimizer, train_data, val_data, args, device, 1.0, 0, [],
                                   no_checkpoint)
@@ -119,11 +101,6 @@ def test_initial_loss_is_near_uniform(stage, tokenizer, shakespeare):
 
 
 def test_loss_drops_after_a_few_dozen_steps(stage):
-    if stage.__name__ in PREFERENCES:
-        pytest.skip("DPO's loss on arbitrary pairs has nothing general to learn: test_dpo.py "
-                    "trains it")
-    if stage.__name__ in REWARDS:
-        pytest.skip("GRPO learns from rewards, not from a text: test_grpo.py trains it")
     args = tiny_args(stage, "--max-iters", "40", "--eval-interval", "40", "--lr", "3e-2")
     torch.manual_seed(0)
     tokenizer, train_data, val_data = load_dataset(block_size=args.block_size)
@@ -141,9 +118,7 @@ def test_the_progress_line_charges_steps_and_evaluations_what_they_cost(stage, m
     monkeypatch.setattr(time, "time", lambda: 1000.0)
     args = tiny_args(stage, "--max-iters", "1000", "--eval-interval", "100")
     line = stage.progress(200, args, (100, 980.0, 20.0), 30.0, 3)
-    # stage 11 counts the replies it samples, 8 to each of 8 problems a step
-    speed = "640 replies/s" if stage.__name__ in REWARDS else "1,280 tok/s"
-    assert line == f" | 100.0 ms/step, {speed}, 0:02:40 left"
+    assert line == " | 100.0 ms/step, 1,280 tok/s, 0:02:40 left"
     assert stage.progress(200, args, (200, 1000.0, 30.0), 30.0, 3) == ""
     # step 1 of a run whose first evaluation took 105 s: 999 steps of 100 ms, and 4 evaluations
     # more (at 250, 500, 750, 1000), not 105 s again for each step
@@ -156,8 +131,6 @@ def test_the_progress_line_charges_steps_and_evaluations_what_they_cost(stage, m
 
 
 def test_same_seed_same_losses(stage):
-    if stage.__name__ in REWARDS:
-        pytest.skip("test_resume.py holds a run of stage 11 equal to one stopped and resumed")
     args = tiny_args(stage, "--max-iters", "10", "--eval-interval", "5")
     tokenizer, train_data, val_data = load_dataset(block_size=args.block_size)
     runs = []
@@ -169,7 +142,7 @@ def test_same_seed_same_losses(stage):
     assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("name", STAGES[1:] + GPT_STAGES)
+@pytest.mark.parametrize("name", CHAIN[1:])
 def test_changing_a_later_token_leaves_earlier_logits_unchanged(name):
     stage = load_stage(name)
     torch.manual_seed(0)
