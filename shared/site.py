@@ -1,6 +1,6 @@
-"""python -m shared.site: the stages and the diff of each pair of consecutive stages, side by
-side, as a static site of plain HTML and CSS (highlighted by Pygments) that opens from its folder
-or from GitHub Pages.
+"""python -m shared.site: the stages and the diff of each pair of consecutive stages of the chain
+(01 to 09) side by side, and each stage built on 09 whole, as a static site of plain HTML and CSS
+(highlighted by Pygments) that opens from its folder or from GitHub Pages.
 
     python -m shared.site --out site    # then open site/index.html
     python -m shared.site --diff-table  # the README's table of the diffs' sizes
@@ -21,7 +21,7 @@ import shutil
 import tokenize
 from pathlib import Path
 
-from shared import ROOT, UserError, description, stages
+from shared import ROOT, TRUNK, UserError, built_on_trunk, chain, description, stages
 from shared.cli import run
 
 # in every page, so that a folder can be told to be a site built before, and rebuilt
@@ -70,10 +70,10 @@ def lines_of(source):
 
 def diff_sizes(sources):
     """{(before, after): (lines removed, lines added, tokens changed)} for each pair of consecutive
-    stages, given their sources by name: difflib's changed lines, as a diff page shows them, and
-    the budget's measure."""
+    stages of the chain, given the sources by name: difflib's changed lines, as a diff page shows
+    them, and the budget's measure."""
     sizes = {}
-    for before, after in itertools.pairwise(sources):
+    for before, after in itertools.pairwise(chain()):
         old, new = lines_of(sources[before]), lines_of(sources[after])
         matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
         opcodes = [op for op in matcher.get_opcodes() if op[0] != "equal"]
@@ -339,11 +339,18 @@ def diff_rows(before, after):
 
 
 def stage_page(name, previous, following, intro, source_pieces):
+    """A stage's page: its notes and its whole script, with links to the diffs from the stage
+    before and to the one after, or, for a stage built on the trunk, to the trunk's page; the
+    trunk's links to the stages built on it."""
     links = ['<a href="index.html">all stages</a>']
+    if name in built_on_trunk():
+        links.append(f'<a href="{TRUNK}.html">builds on {TRUNK}</a>')
     if previous:
         links.append(f'<a href="{previous}-{name}.html">diff from {previous}</a>')
     if following:
         links.append(f'<a href="{name}-{following}.html">diff to {following}</a>')
+    if name == TRUNK:
+        links += [f'<a href="{later}.html">built on it: {later}</a>' for later in built_on_trunk()]
     rows = "".join(f'<div class="row whole">{side("same", number("L", n), render(pieces))}</div>'
                    for n, pieces in enumerate(source_pieces, 1))
     body = (f"{nav(links)}\n<h1>{name}.py</h1>\n<section class=\"intro\">{intro}</section>\n"
@@ -371,19 +378,24 @@ def pair_page(pair, neighbours, size, intro, rows):
     return page(f"{before}.py → {after}.py", body)
 
 
-def index_page(names, sizes):
+def index_page(names, sizes, sources):
     rows = []
-    for k, name in enumerate(names):
+    for name in names:
         diff = ""
-        if k:
-            removed, added, tokens = sizes[names[k - 1], name]
-            diff = (f'<a href="{names[k - 1]}-{name}.html">{removed + added} lines, '
-                    f"{tokens:,} tokens</a>")
+        for (before, after), (removed, added, tokens) in sizes.items():
+            if after == name:
+                diff = (f'<a href="{before}-{name}.html">{removed + added} lines, '
+                        f"{tokens:,} tokens</a>")
+        if name in built_on_trunk():
+            diff = (f'builds on <a href="{TRUNK}.html">{TRUNK}</a>, whole: '
+                    f"{len(lines_of(sources[name])):,} lines")
         rows.append(f'<tr><td><a href="{name}.html">{name}.py</a></td>'
                     f'<td>{inline(description(name))}</td><td class="diff">{diff}</td></tr>')
-    body = ("<h1>LLM from scratch, one idea at a time</h1>\n<p>Each stage is one script, the one "
-            "before it plus one idea. Open a stage to read it whole, with its notes, or the diff "
-            "beside it to see exactly what its idea changed.</p>\n"
+    body = ("<h1>LLM from scratch, one idea at a time</h1>\n<p>Up to stage 09 each stage is one "
+            "script, the one before it plus one idea: open a stage to read it whole, with its "
+            "notes, or the diff beside it to see exactly what its idea changed. From stage 10 on, "
+            "a stage builds on stage 09 by importing it and holds only its own idea: read it "
+            "whole.</p>\n"
             '<table class="stages"><thead><tr><th>script</th><th>what it adds</th>'
             "<th>diff from the one before</th></tr></thead><tbody>" + "".join(rows)
             + "</tbody></table>")
@@ -415,9 +427,9 @@ def build(out):
     lines = {name: (lines_of(source), highlighted(source)) for name, source in sources.items()}
     intros = {name: prose(ast.get_docstring(ast.parse(source)) or "")
               for name, source in sources.items()}
-    pairs = list(itertools.pairwise(names))
+    pairs = list(itertools.pairwise(chain()))
     sizes = diff_sizes(sources)
-    index = index_page(names, sizes)
+    index = index_page(names, sizes, sources)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     # the index first: it tells a later build that the folder is a site, even one left half built
@@ -425,9 +437,9 @@ def build(out):
     (out / "style.css").write_text(style())
     if (ROOT / "assets").is_dir():  # the pictures the notes show
         shutil.copytree(ROOT / "assets", out / "assets")
-    for k, name in enumerate(names):
-        previous = names[k - 1] if k else None
-        following = names[k + 1] if k + 1 < len(names) else None
+    for name in names:
+        previous = next((before for before, after in pairs if after == name), None)
+        following = next((after for before, after in pairs if before == name), None)
         (out / f"{name}.html").write_text(stage_page(name, previous, following, intros[name],
                                                      lines[name][1]))
     for k, pair in enumerate(pairs):

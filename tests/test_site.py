@@ -11,10 +11,11 @@ from html.parser import HTMLParser
 import matplotlib.image
 import pytest
 
-from conftest import ALL_STAGES, ROOT, stage_error
+from conftest import ALL_STAGES, CHAIN, ON_TRUNK, ROOT, stage_error
 from shared import description, site
 
-PAIRS = list(itertools.pairwise(ALL_STAGES))
+# the diffs: of the chain, 01 to 09; a stage built on 09 is read whole
+PAIRS = list(itertools.pairwise(CHAIN))
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,13 @@ def test_a_stage_page_is_its_whole_script_and_the_index_links_every_page(built):
     assert links == {f"{name}.html" for name in ALL_STAGES} | {f"{a}-{b}.html" for a, b in PAIRS}
     # what each stage adds: the first line of its docstring
     assert all(site.inline(description(name)) in index for name in ALL_STAGES)
+    # a stage built on 09 and 09 link each other, and no diff leads to it or from it
+    trunk = (built / "09_lora.html").read_text()
+    for name in ON_TRUNK:
+        nav = re.search(r"<nav>(.*?)</nav>", (built / f"{name}.html").read_text()).group(1)
+        assert '<a href="09_lora.html">builds on 09_lora</a>' in nav and "diff" not in nav
+        assert f'<a href="{name}.html">built on it: {name}</a>' in trunk
+    assert not list(built.glob("*-1[0-9]_*.html"))
 
 
 def test_a_stage_page_shows_its_notes_and_every_link_of_the_site_leads_somewhere(built):
@@ -90,8 +98,10 @@ def test_a_stage_page_shows_its_notes_and_every_link_of_the_site_leads_somewhere
             continue
         assert f'<details class="notes" open><summary>Notes on {name}.py' in page
         assert f'<h2 id="stage-{name[:2]}-' in page and page.count("<h1>") == 1
-        previous = ALL_STAGES[ALL_STAGES.index(name) - 1]
-        assert '<details class="notes"><summary>' in (built / f"{previous}-{name}.html").read_text()
+        if name in CHAIN:
+            previous = CHAIN[CHAIN.index(name) - 1]
+            diff = (built / f"{previous}-{name}.html").read_text()
+            assert '<details class="notes"><summary>' in diff
     notes = (built / "07_modern.html").read_text()
     assert '<td>zeros: every block starts as the identity</td>' in notes  # a table
     assert 'href="06_train_for_real.html#training-on-a-corpus-of-any-size"' in notes
