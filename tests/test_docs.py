@@ -1,12 +1,14 @@
 """The README and docs/ against the code: one row per stage, whose description is the first line
-of the stage's docstring; the diffs' sizes as measured, with tests/test_diffs.py's budgets; a
-page of notes per stage from 05 on; links that lead somewhere."""
+of the stage's docstring; the diffs' sizes as measured, with tests/test_diffs.py's budgets, and
+the sizes of the stages built on 09; a page of notes per stage from 05 on; links that lead
+somewhere."""
+import ast
 import re
 from urllib.parse import unquote
 
-from conftest import ALL_STAGES, ROOT
+from conftest import ALL_STAGES, ON_TRUNK, ROOT
 from shared import description, site, stages
-from test_diffs import BUDGETS, PAIRS
+from test_diffs import BUDGETS, PAIRS, SIZES
 
 README = ROOT / "README.md"
 # the stages with a page of notes in docs/
@@ -61,6 +63,14 @@ def test_the_diff_table_holds_the_measured_sizes_and_the_budgets():
     assert found == expected, "\n".join([header, "|---|---:|---:|---:|", *expected])
 
 
+def test_the_size_table_holds_the_measured_sizes_and_the_budgets():
+    """A stage built on 09 is read whole, not as a diff: its lines, and tests/test_diffs.py's
+    ceiling for them."""
+    rows = table(README.read_text(), "| stage built on 09 | lines | budget |")
+    lines = {name: len((ROOT / f"{name}.py").read_text().splitlines()) for name in ON_TRUNK}
+    assert rows == [[f"`{name}.py`", f"{lines[name]:,}", f"{SIZES[name]:,}"] for name in ON_TRUNK]
+
+
 def test_the_quick_start_keeps_its_two_commands():
     text = README.read_text()
     for command in ("python3 -m venv .venv && . .venv/bin/activate && pip install -r "
@@ -86,3 +96,20 @@ def test_every_link_between_the_readme_and_the_notes_leads_somewhere():
             assert linked.exists(), f"{page.name}: {target}"
             if anchor:
                 assert anchor in site.heading_slugs(linked.read_text()), f"{page.name}: {target}"
+
+
+def test_the_times_a_docstring_gives_are_the_tables():
+    """A stage's docstring says how long it ran, and how long the stages it compares with or
+    starts from ran: the README's time column, measured in one set of runs."""
+    rows = table(README.read_text(), "| script | what it adds | parameters | val loss | time |")
+    seconds = {re.search(r"`(\d\d_\w+)\.py`", row[0]).group(1): row[4] for row in rows}
+    # (the stage whose docstring says it, what it says, the stage it is the time of)
+    said = [("05_gpt", r"in (\d+ s) on a 2-core CPU", "05_gpt"),
+            ("08_chat", r"(\d+ s) on a 2-core CPU", "08_chat"),
+            ("08_chat", r"after stage 07's run, (\d+ s)", "07_modern"),
+            ("09_lora", r"(\d+ s) on a 2-core CPU", "09_lora"),
+            ("09_lora", r"where stage 08 took (\d+ s)", "08_chat"),
+            ("10_dpo", r"(\d+ s) on a 2-core CPU", "10_dpo")]
+    for name, pattern, timed in said:
+        docstring = ast.get_docstring(ast.parse((ROOT / f"{name}.py").read_text()))
+        assert re.search(pattern, docstring).group(1) == seconds[timed], (name, pattern)
