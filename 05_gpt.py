@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from shared import UserError, report
+from shared import UserError, duration, report
 from shared.cli import parse_args, run
 from shared.data import get_batch, load_dataset
 from shared.device import build_model, select_device
@@ -257,12 +257,9 @@ def progress(step, args, last_line, eval_seconds, evaluations):
                            if later % args.eval_interval == 0 or later == args.max_iters)
     left = (step_seconds * (args.max_iters - step)
             + evaluations_left * eval_seconds / max(evaluations, 1))
-    # whole seconds, rounded before they are split: never 8:60
-    seconds = round(left)
-    clock = f"{seconds // 3600}:{seconds // 60 % 60:02}:{seconds % 60:02}"
     tokens_per_second = args.batch_size * args.block_size / step_seconds
     return (f" | {1000 * step_seconds:.1f} ms/step, {tokens_per_second:,.0f} tok/s,"
-            f" {clock} left")
+            f" {duration(left)} left")
 
 
 def check_finite(loss, step):

@@ -34,8 +34,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from shared import UserError, atomic_write, hellaswag, report
-from shared.cli import checked, given, nonempty, parse_args, run
+from shared import UserError, atomic_write, duration, hellaswag, report
+from shared.cli import checked, given, hold_out, nonempty, parse_args, run
 from shared.data import characters_per_token, check_token_ids, get_batch, load_dataset
 from shared.device import all_reduce, build_model, check_memory, select_device, setup_distributed
 from shared.hub import pretrained_context, pretrained_model
@@ -314,12 +314,9 @@ def progress(step, args, last_line, eval_seconds, evaluations):
                            if later % args.eval_interval == 0 or later == args.max_iters)
     left = (step_seconds * (args.max_iters - step)
             + evaluations_left * eval_seconds / max(evaluations, 1))
-    # whole seconds, rounded before they are split: never 8:60
-    seconds = round(left)
-    clock = f"{seconds // 3600}:{seconds // 60 % 60:02}:{seconds % 60:02}"
     tokens = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
     return (f" | {1000 * step_seconds:.1f} ms/step, {tokens / step_seconds:,.0f}"
-            f" tok/s, {clock} left")
+            f" tok/s, {duration(left)} left")
 
 
 def check_finite(loss, step):
@@ -705,6 +702,8 @@ def checkpoint_path(args):
 def starting_checkpoint(args):
     """With --resume, the checkpoint to go on from, if it has steps left to train; for a new
     run None, once it is clear that no trained model will be replaced without --overwrite."""
+    # no other run may train into --out while this one does
+    hold_out(args.out)
     path = checkpoint_path(args)
     if args.resume:
         checkpoint = read_checkpoint(path)

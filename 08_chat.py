@@ -39,8 +39,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from shared import ROOT, UserError, atomic_write, report
-from shared.cli import checked, nonempty, parse_args, run
+from shared import ROOT, UserError, atomic_write, duration, report
+from shared.cli import checked, hold_out, nonempty, parse_args, run
 from shared.conversations import HuggingFaceChat, load_conversations
 from shared.data import characters_per_token, check_token_ids
 from shared.device import all_reduce, check_memory, select_device, setup_distributed
@@ -502,12 +502,9 @@ def progress(step, args, last_line, eval_seconds, evaluations):
                            if later % args.eval_interval == 0 or later == args.max_iters)
     left = (step_seconds * (args.max_iters - step)
             + evaluations_left * eval_seconds / max(evaluations, 1))
-    # whole seconds, rounded before they are split: never 8:60
-    seconds = round(left)
-    clock = f"{seconds // 3600}:{seconds // 60 % 60:02}:{seconds % 60:02}"
     tokens = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
     return (f" | {1000 * step_seconds:.1f} ms/step, {tokens / step_seconds:,.0f}"
-            f" tok/s, {clock} left")
+            f" tok/s, {duration(left)} left")
 
 
 def check_finite(loss, step):
@@ -752,8 +749,13 @@ def read_checkpoint(path, model_only=False):
     except Exception as err:
         raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
                         "it may be truncated or from elsewhere") from None
-    keys = {"stage", "model", "optimizer", "config", "tokenizer", "step", "history", "rng_states"}
     stage = checkpoint.get("stage") if isinstance(checkpoint, dict) else None
+    if model_only and isinstance(stage, str) and stage < "07":
+        raise UserError(f"{path} is a checkpoint of {stage}.py, whose GPT-2 model this stage does "
+                        "not load: give --init-from a run of stage 07 or later, or a Llama or "
+                        f"Qwen3 model (sample this one with python {stage}.py --sample --out "
+                        f"{path.parent})")
+    keys = {"stage", "model", "optimizer", "config", "tokenizer", "step", "history", "rng_states"}
     found = set(checkpoint) if isinstance(stage, str) else set()
     if model_only:
         # a model alone, as a merged one is, or with what its run needs to go on
@@ -1005,6 +1007,8 @@ def checkpoint_path(args):
 def starting_checkpoint(args):
     """With --resume, the checkpoint to go on from, if it has steps left to train; for a new
     run None, once it is clear that no trained model will be replaced without --overwrite."""
+    # no other run may train into --out while this one does
+    hold_out(args.out)
     path = checkpoint_path(args)
     if args.resume:
         checkpoint = read_checkpoint(path)
@@ -1145,9 +1149,11 @@ def overfitting(history):
     best = min(history, key=lambda h: h["val"])
     if history[-1]["val"] <= best["val"]:
         return ""
+    earlier = (f"--max-iters {best['step']} stops earlier" if best["step"] else
+               "fewer steps, a smaller --lr or more data do better")
     return (f"the val loss rose after step {best['step']} ({best['val']:.4f} -> "
             f"{history[-1]['val']:.4f}): the model learned its train replies by heart; the "
-            f"checkpoint is the last step's (--max-iters {best['step']} stops earlier)\n")
+            f"checkpoint is the last step's ({earlier})\n")
 
 
 def ended_its_turn(reply, template):

@@ -47,6 +47,13 @@ def description(stage):
     return first.removeprefix(f"{stage}.py: ").removesuffix(".")
 
 
+def duration(seconds):
+    """seconds as h:mm:ss, rounded to the second before it is split: 3599.6 s is 1:00:00, never
+    0:59:60. Every time a stage or the report prints is written so."""
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02}:{seconds % 60:02}"
+
+
 class UserError(Exception):
     """A problem with the user's input or machine, told as one sentence instead of a traceback."""
 

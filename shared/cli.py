@@ -9,6 +9,11 @@ from pathlib import Path
 
 from shared import UserError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no locks, and no refusal of a second run
+    fcntl = None
+
 HELP = {
     "batch_size": "sequences per training step",
     "block_size": "context length: the most tokens the model looks back over",
@@ -27,11 +32,14 @@ HELP = {
     "grad_accum_steps": "batches whose gradients are summed per optimizer step",
 }
 NONNEGATIVE = {"seed", "max_new_tokens", "temperature", "warmup_iters", "weight_decay",
-               "lora_rank", "sft_weight"}
+               "lora_rank", "sft_weight", "kl_beta"}
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and status 2, without argparse's usage block
+        if in_notebook():
+            # in a kernel, which lives on: the line, as any refusal says it there
+            raise UserError(f"{message} (see --help)")
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -126,7 +134,8 @@ def parse_args(argv, stage, doc, hyperparameters, add_flags=None, has_attention=
     parser.add_argument("--seed", type=checked("seed", int), default=1337, help="random seed")
     parser.add_argument("--data", metavar="FILE", help=data_help)
     parser.add_argument("--max-new-tokens", type=checked("max_new_tokens", int), default=500,
-                        metavar="INT", help="length of the sample printed at the end")
+                        metavar="INT", help="the most new tokens of each sample printed at the "
+                        "end")
     parser.add_argument("--out", type=nonempty("a folder"), metavar="DIR",
                         help="write the run's metrics.json and loss.png into this folder")
     if has_attention:
@@ -165,6 +174,28 @@ def given(argv, flag):
     return any(arg == flag or arg.startswith(flag + "=") for arg in command_line(argv))
 
 
+# the --out folders this process trains into, each held open and locked until it exits
+held_folders = {}
+
+
+def hold_out(out):
+    """Claim --out for this run's checkpoint and metrics: a second run into the same folder, while
+    this one lives, is refused in one sentence instead of overwriting them. The claim is a lock
+    on a file there (out/.lock) that the operating system lets go of when the process ends, so a
+    folder left by a killed run is free at once. Under torchrun, rank 0 holds it for all."""
+    path = Path(out).resolve()
+    if path in held_folders or int(os.environ.get("RANK", 0)) > 0 or fcntl is None:
+        return
+    lock = open(path / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"--out {out} is in use by another run, which trains into it now; wait "
+                        "for it to end, or give another --out") from None
+    held_folders[path] = lock
+
+
 def out_of_memory(err):
     """Whether err is an allocator's refusal: PyTorch's on a GPU or a CPU, or Python's own."""
     if isinstance(err, MemoryError):
@@ -173,6 +204,14 @@ def out_of_memory(err):
     return isinstance(err, RuntimeError) and ("out of memory" in message
                                               or "can't allocate memory" in message
                                               or "not enough memory" in message)
+
+
+def let_go_of_folders():
+    """The --out folders this run held (hold_out), free again, their lock files gone."""
+    for path, lock in held_folders.items():
+        (path / ".lock").unlink(missing_ok=True)
+        lock.close()
+    held_folders.clear()
 
 
 def remove_empty_folders():
@@ -228,6 +267,7 @@ def run(main, notebook_flags=(), prog=None):
         status = 2
     finally:
         signal.signal(signal.SIGINT, previous)
+        let_go_of_folders()
         remove_empty_folders()
     if status and not in_notebook():
         sys.exit(status)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from shared import UserError, atomic_write, description, stages
+from shared import UserError, atomic_write, description, duration, stages
 from shared.cli import Parser, in_notebook, run
 from shared.device import machine
 
@@ -239,10 +239,6 @@ def differences(runs):
     return texts
 
 
-def minutes_seconds(seconds):
-    return f"{seconds // 60:.0f}:{seconds % 60:04.1f}"
-
-
 def bits_per_character(metrics):
     """A run's last val loss in bits per character, or a dash where it has none (DPO's)."""
     return "–" if metrics["val_bpc"] is None else f"{metrics['val_bpc']:.3f}"
@@ -258,7 +254,7 @@ def table(runs):
     for m, differing in zip(runs, differences(runs), strict=True):
         lines.append(f"| {m['run']} | {m['stage']} | {adds.get(m['stage'], '')} | "
                      f"{differing} | {m['parameters']:,} | {m['val_loss']:.4f} | "
-                     f"{bits_per_character(m)} | {minutes_seconds(m['history'][-1]['seconds'])} | "
+                     f"{bits_per_character(m)} | {duration(m['history'][-1]['seconds'])} | "
                      f"{m['machine']} |")
     return "\n".join(lines) + "\n"
 

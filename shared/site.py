@@ -123,12 +123,12 @@ def markdown_parser():
     return MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
-# where a link in docs/ goes on the site: another stage's notes or script is its page, the README
-# the index
-SITE_LINKS = [(r"(?:\.\./docs/|)(\d\d_\w+)\.md(#.*)?", r"\1.html\2"),
-              (r"\.\./(\d\d_\w+)\.py", r"\1.html"),
-              (r"\.\./README\.md(#.*)?", "index.html"),
-              (r"\.\./assets/(.+)", r"assets/\1")]
+# where a link in docs/ or in the README goes on the site: a stage's notes or script is its page,
+# the README its own page
+SITE_LINKS = [(r"(?:\.\./docs/|docs/|)(\d\d_\w+)\.md(#.*)?", r"\1.html\2"),
+              (r"(?:\.\./|)(\d\d_\w+)\.py", r"\1.html"),
+              (r"(?:\.\./|)README\.md(#.*)?", r"readme.html\1"),
+              (r"(?:\.\./|)assets/(.+)", r"assets/\1")]
 
 
 def site_link(href):
@@ -138,10 +138,11 @@ def site_link(href):
     return href
 
 
-def notes(name):
-    """docs/<name>.md as HTML for the site ("" if the stage has none): its headings one level
-    down, under the page's own title, each with GitHub's anchor; its links made the site's."""
-    path = ROOT / "docs" / f"{name}.md"
+def notes(name, path=None):
+    """docs/<name>.md (or the Markdown file at path) as HTML for the site ("" if the stage has no
+    notes): its headings one level down, under the page's own title, each with GitHub's anchor;
+    its links made the site's."""
+    path = path or ROOT / "docs" / f"{name}.md"
     if not path.is_file():
         return ""
     parser = markdown_parser()
@@ -294,10 +295,12 @@ def number(side, n):
 
 
 def side(kind, number_html, code):
-    return f'{number_html}<code class="{kind}">{code}</code>'
+    """A line of one side: its number and its code, together (class side), so that on a phone a
+    change's old lines can go above its new ones."""
+    return f'<span class="side {kind}">{number_html}<code class="{kind}">{code}</code></span>'
 
 
-EMPTY = '<span class="ln"></span><code class="empty"></code>'
+EMPTY = '<span class="side empty"><span class="ln"></span><code class="empty"></code></span>'
 
 
 def diff_rows(before, after):
@@ -327,6 +330,7 @@ def diff_rows(before, after):
             else:
                 out.extend(rows)
             continue
+        block = []
         for k in range(max(i2 - i1, j2 - j1)):
             i, j = i1 + k, j1 + k
             marks = changed_ranges(old[i], new[j]) if i < i2 and j < j2 else ([], [])
@@ -334,7 +338,9 @@ def diff_rows(before, after):
                     if i < i2 else EMPTY)
             right = (side("add", number("R", j + 1), render(new_pieces[j], marks[1]))
                      if j < j2 else EMPTY)
-            out.append(f'<div class="row changed">{left}{right}</div>')
+            block.append(f'<div class="row changed">{left}{right}</div>')
+        # a change's rows together: on a phone its old lines go above its new ones
+        out.append(f'<div class="block">{"".join(block)}</div>')
     return out
 
 
@@ -378,6 +384,13 @@ def pair_page(pair, neighbours, size, intro, rows):
     return page(f"{before}.py → {after}.py", body)
 
 
+def readme_page():
+    """The README, as the site's page of it: what a stage's notes link to."""
+    links = ['<a href="index.html">all stages</a>']
+    body = f'{nav(links)}\n<div class="notes readme">{notes("README", ROOT / "README.md")}</div>'
+    return page("LLM from scratch, one idea at a time: the README", body)
+
+
 def index_page(names, sizes, sources):
     rows = []
     for name in names:
@@ -395,7 +408,8 @@ def index_page(names, sizes, sources):
             "script, the one before it plus one idea: open a stage to read it whole, with its "
             "notes, or the diff beside it to see exactly what its idea changed. From stage 10 on, "
             "a stage builds on stage 09 by importing it and holds only its own idea: read it "
-            "whole.</p>\n"
+            'whole. <a href="readme.html">The README</a> says what each stage measured, how to '
+            "run it, and what it needs.</p>\n"
             '<table class="stages"><thead><tr><th>script</th><th>what it adds</th>'
             "<th>diff from the one before</th></tr></thead><tbody>" + "".join(rows)
             + "</tbody></table>")
@@ -435,6 +449,7 @@ def build(out):
     # the index first: it tells a later build that the folder is a site, even one left half built
     (out / "index.html").write_text(index)
     (out / "style.css").write_text(style())
+    (out / "readme.html").write_text(readme_page())
     if (ROOT / "assets").is_dir():  # the pictures the notes show
         shutil.copytree(ROOT / "assets", out / "assets")
     for name in names:

@@ -256,6 +256,9 @@ def test_a_val_loss_that_rose_at_the_end_is_said():
                                                 "1.7000)")
     assert "--max-iters 20 stops earlier" in chat.overfitting(history)
     assert chat.overfitting(history[:2]) == ""
+    # best before any step: no --max-iters 0 to give
+    rose = chat.overfitting([{"step": 0, "val": 1.0}, {"step": 20, "val": 1.2}])
+    assert "--max-iters" not in rose and "a smaller --lr" in rose
 
 
 def test_without_init_from_stage_07s_default_run_is_made_first_and_fine_tuned(

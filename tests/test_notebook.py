@@ -100,3 +100,19 @@ def test_the_notebook_command_refuses_what_it_cannot_run_in_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err == ("python -m shared.notebook: error: no_such_stage.py: "
                                              "no such file")
+
+
+def test_a_stage_refused_in_the_kernel_stops_the_command_with_its_sentence(monkeypatch, capsys):
+    """The flags after the script are the stage's (its notebook_flags); a refusal, which the
+    kernel lives through, is the command's own: its sentence and status 2, and no notebook
+    saved as if it had run."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    script = ROOT / "01_bigram.py"
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(lambda: shared_notebook.main([str(script), "--max-iters", "0"]),
+                prog="python -m shared.notebook")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err[-1] == (
+        f"python -m shared.notebook: error: {script} stopped in the kernel: argument --max-iters: "
+        "must be above 0, got 0 (see --help)")
+    assert not script.with_suffix(".ipynb").exists()

@@ -25,7 +25,7 @@ from conftest import (
     load_stage,
     stage_error,
 )
-from shared import description, report
+from shared import description, duration, report
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +209,8 @@ def test_the_report_command_signs_its_errors_as_it_is_run(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.startswith("python -m shared.report: error: ")
+
+
+def test_every_time_is_written_as_hours_minutes_and_seconds_rounded_before_it_is_split():
+    assert [duration(s) for s in (0, 59.4, 59.6, 1739.97, 3599.6, 3725)] == [
+        "0:00:00", "0:00:59", "0:01:00", "0:29:00", "1:00:00", "1:02:05"]

@@ -284,3 +284,24 @@ def test_ctrl_c_stops_training_then_a_second_one_stops_sampling(tmp_path):
     process.send_signal(signal.SIGINT)  # stops the sample
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130 and err.strip() == "01_bigram.py: interrupted"
+
+
+def test_a_second_run_into_a_folder_a_run_trains_into_is_refused(tmp_path, capsys):
+    """While a run holds --out (a lock on out/.lock, here taken by another process), a second run
+    into it is refused in one sentence before it does anything; once that process is gone,
+    killed or not, the folder is free."""
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = ("import fcntl, sys, time; lock = open(sys.argv[1], 'w'); "
+            "fcntl.flock(lock, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    main = load_stage("06_train_for_real").main
+    message = stage_error(capsys, main, *quick_flags("06_train_for_real", out))
+    assert f"--out {out} is in use by another run, which trains into it now" in message
+    assert not (out / "ckpt.pt").exists()
+    holder.kill()
+    holder.wait()
+    main(quick_flags("06_train_for_real", out))
+    assert (out / "ckpt.pt").exists()

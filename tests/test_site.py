@@ -75,9 +75,13 @@ def test_a_stage_page_is_its_whole_script_and_the_index_links_every_page(built):
         assert cells.cells["same"] == site.lines_of((ROOT / f"{name}.py").read_text())
     index = (built / "index.html").read_text()
     links = set(re.findall(r'href="([^"#]+\.html)"', index))
-    assert links == {f"{name}.html" for name in ALL_STAGES} | {f"{a}-{b}.html" for a, b in PAIRS}
+    assert links == ({f"{name}.html" for name in ALL_STAGES} | {f"{a}-{b}.html" for a, b in PAIRS}
+                     | {"readme.html"})
     # what each stage adds: the first line of its docstring
     assert all(site.inline(description(name)) in index for name in ALL_STAGES)
+    # the README has its page, which the notes' way back leads to
+    assert "one idea at a time" in (built / "readme.html").read_text()
+    assert 'href="readme.html"' in (built / "05_gpt.html").read_text()
     # a stage built on 09 and 09 link each other, and no diff leads to it or from it
     trunk = (built / "09_lora.html").read_text()
     for name in ON_TRUNK:
@@ -202,7 +206,7 @@ def test_every_page_opens_in_chromium_without_errors_and_folds_unfold(built):
         # a changed pair of lines marks the words that differ: line 9 of 01 -> 02, "5 s", "9 s"
         driver.get((built / f"{PAIRS[0][0]}-{PAIRS[0][1]}.html").as_uri())
         marks = driver.execute_script(
-            "const row = document.getElementById('L9').parentElement;"
+            "const row = document.getElementById('L9').closest('.row');"
             "return ['del', 'add'].map(kind => [...row.querySelectorAll("
             "'code.' + kind + ' .changed')].map(mark => mark.textContent))")
         assert "5" in marks[0] and "9" in marks[1], marks
@@ -216,6 +220,14 @@ def test_every_page_opens_in_chromium_without_errors_and_folds_unfold(built):
                 "!/\\s/.test(span.textContent) && new Set([...span.getClientRects()].map("
                 "rect => Math.round(rect.top))).size > 1).map(span => span.textContent)")
             assert split == [], (width, split[:5])
+            # on a phone a change's old lines all above its new ones, side by side on a laptop
+            tops = driver.execute_script(
+                "const block = [...document.querySelectorAll('.block')].find(b => "
+                "b.querySelectorAll('.side.del').length > 1 && "
+                "b.querySelectorAll('.side.add').length > 1);"
+                "return ['del', 'add'].map(kind => [...block.querySelectorAll("
+                "'.side.' + kind + ' code')].map(code => code.getBoundingClientRect().top));")
+            assert (max(tops[0]) < min(tops[1])) == (width == 400), (width, tops)
             for page in sorted(built.glob("*.html")):
                 driver.get(page.as_uri())
                 assert driver.execute_script(
