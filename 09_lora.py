@@ -40,8 +40,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from shared import ROOT, UserError, atomic_write, report
-from shared.cli import checked, nonempty, parse_args, run
+from shared import ROOT, UserError, atomic_write, duration, report
+from shared.cli import checked, given, hold_out, nonempty, parse_args, run
 from shared.conversations import HuggingFaceChat, load_conversations
 from shared.data import characters_per_token, check_token_ids
 from shared.device import all_reduce, check_memory, select_device, setup_distributed
@@ -609,12 +609,9 @@ def progress(step, args, last_line, eval_seconds, evaluations):
                            if later % args.eval_interval == 0 or later == args.max_iters)
     left = (step_seconds * (args.max_iters - step)
             + evaluations_left * eval_seconds / max(evaluations, 1))
-    # whole seconds, rounded before they are split: never 8:60
-    seconds = round(left)
-    clock = f"{seconds // 3600}:{seconds // 60 % 60:02}:{seconds % 60:02}"
     tokens = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
     return (f" | {1000 * step_seconds:.1f} ms/step, {tokens / step_seconds:,.0f}"
-            f" tok/s, {clock} left")
+            f" tok/s, {duration(left)} left")
 
 
 def check_finite(loss, step):
@@ -884,9 +881,14 @@ def read_checkpoint(path, model_only=False, reader=STAGE):
     except Exception as err:
         raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
                         "it may be truncated or from elsewhere") from None
+    stage = checkpoint.get("stage") if isinstance(checkpoint, dict) else None
+    if model_only and isinstance(stage, str) and stage < "07":
+        raise UserError(f"{path} is a checkpoint of {stage}.py, whose GPT-2 model this stage does "
+                        "not load: give --init-from a run of stage 07 or later, or a Llama or "
+                        f"Qwen3 model (sample this one with python {stage}.py --sample --out "
+                        f"{path.parent})")
     keys = {"stage", "model", "optimizer", "config", "tokenizer", "step", "history", "rng_states",
             "lora", "state"}
-    stage = checkpoint.get("stage") if isinstance(checkpoint, dict) else None
     found = set(checkpoint) if isinstance(stage, str) else set()
     if model_only:
         # a model alone, as a merged one is, or with what its run needs to go on
@@ -915,7 +917,8 @@ def model_from_checkpoint(checkpoint, path):
 
 def check_resumable(checkpoint, args, path):
     """Resuming goes on with the run that stopped: the same tokenizer and model shape."""
-    lora = checkpoint["lora"] or {}
+    # a run without adapters trained at --lora-rank 0
+    lora = checkpoint["lora"] or {"lora_rank": 0}
     flags = {name: value for name, value in lora.items() if name.startswith("lora_")}
     trained = {**checkpoint["config"], "tokenizer": checkpoint["tokenizer"].get("name", "char"),
                **flags}
@@ -975,6 +978,15 @@ def lora_model(checkpoint, path):
         for name, tensor in trained.items():
             tensor.copy_(checkpoint["model"][name])
     return model, template
+
+
+def check_lora_flags(argv, args):
+    """--lora-alpha, --lora-dropout and --lora-targets shape the adapters: with --lora-rank 0
+    there are none, and they would do nothing without a word."""
+    for flag in ("--lora-alpha", "--lora-dropout", "--lora-targets"):
+        if not args.lora_rank and given(argv, flag):
+            raise UserError(f"{flag} shapes adapters, and --lora-rank 0 trains without them: give "
+                            f"a --lora-rank above 0, or leave {flag} out")
 
 
 def lora_settings(args, model):
@@ -1070,10 +1082,11 @@ def stream(model, new_ids, cache, stop, args):
             return
 
 
-def chat(model, template, args):
+def chat(model, template, args, keep_conversation=True):
     """--chat: a message a line (from a terminal or a pipe), each reply printed as it is made.
     The conversation is kept, and so is the KV cache: a turn feeds in only the tokens it has not
-    seen, and the oldest leave the window as in generate."""
+    seen, and the oldest leave the window as in generate. Without keep_conversation each message
+    is answered on its own, as a task's questions are (stage 11's)."""
     print("Talk to the model, a message a line; Ctrl-C stops a reply; Ctrl-C or Ctrl-D at the "
           "prompt, or /quit, leaves.")
     messages, fed, cache = [], [], None
@@ -1088,6 +1101,8 @@ def chat(model, template, args):
             print(text)
         if text.strip() == "/quit":
             return
+        if not keep_conversation:
+            messages = []
         messages.append({"role": "user", "content": text})
         ids, _ = template.render(messages, reply_next=True)
         if cache is None or ids[:len(fed)] != fed:
@@ -1174,8 +1189,10 @@ def parse_flags(argv):
     recipe = RECIPES["finetune" if hugging_face else "chat"]
     if args.lora_rank:
         recipe = {**recipe, "lr": 4 * recipe["lr"]}
-    return parse_args(argv, STAGE, __doc__, recipe, add_flags, has_attention=True,
+    args = parse_args(argv, STAGE, __doc__, recipe, add_flags, has_attention=True,
                       data_help=DATA_HELP)
+    check_lora_flags(argv, args)
+    return args
 
 
 def checkpoint_path(args):
@@ -1185,6 +1202,8 @@ def checkpoint_path(args):
 def starting_checkpoint(args, stage=STAGE):
     """With --resume, the checkpoint of stage to go on from, if it has steps left to train; for a
     new run None, once it is clear that no trained model will be replaced without --overwrite."""
+    # no other run may train into --out while this one does
+    hold_out(args.out)
     path = checkpoint_path(args)
     if args.resume:
         checkpoint = read_checkpoint(path, reader=stage)
@@ -1223,16 +1242,17 @@ def start_processes(args):
     return rank, world_size, device
 
 
-def sample_only(args, device):
-    """--sample: --num-samples replies to --prompt, a user's message; --chat: a conversation.
-    With the model in --out, or of --init-from."""
+def sample_only(args, device, keep_conversation=True):
+    """--sample: --num-samples replies to --prompt, a user's message; --chat: a conversation (or,
+    without keep_conversation, messages each answered on its own). With the model in --out, or of
+    --init-from."""
     model, template = load_model(args.init_from or args.out, args.block_size)
     model.eval().to(device)
     if args.chat:
         # a Ctrl-C in the chat ends a reply, or the chat at its prompt: not a run cut short, so
         # run() is not told of it, and the exit status stays 0
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        chat(model, template, args)
+        chat(model, template, args, keep_conversation)
         return
     if not args.prompt:
         raise UserError("--sample replies to a message: give it with --prompt, or talk with --chat")
@@ -1268,20 +1288,36 @@ def merge_only(args, stage=STAGE):
 def make_base(base=BASE, command=(BASE_SCRIPT,)):
     """The model in base, made by python command (a stage's script, and its flags) as a process
     of its own: the model that fine-tuning starts from without --init-from, to the last bit the
-    one that command makes. By default the default run of BASE_SCRIPT, into BASE."""
+    one that command makes. By default the default run of BASE_SCRIPT, into BASE. What that run
+    prints goes to base/made.log; here, only that a model is being made (it may make its own
+    base first) and, once it is, its last evaluation."""
     line = " ".join(command)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise UserError(f"{base} holds no model yet: make it first with python {line}")
-    print(f"{base} holds no model yet: making it first with python {line}", flush=True)
+    log = Path(base) / "made.log"
+    print(f"{base} holds no model yet: making it first with python {line} (what it prints: "
+          f"{log})", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    last = ""
     # a Ctrl-C reaches that process too, which saves its run and stops: wait for it
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        status = subprocess.run([sys.executable, str(ROOT / command[0]), *command[1:]]).returncode
+        with open(log, "w") as f:
+            process = subprocess.Popen([sys.executable, str(ROOT / command[0]), *command[1:]],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for output in process.stdout:
+                f.write(output)
+                if "holds no model yet" in output:
+                    print(f"  {output}", end="", flush=True)
+                if output.startswith("step ") and "val loss" in output:
+                    last = output.split(" | ")[0]
+            status = process.wait()
     finally:
         signal.signal(signal.SIGINT, handler)
     if status:
-        raise UserError(f"python {command[0]} stopped before it finished (status {status}); "
-                        f"finish it with python {line} --resume, then run this again")
+        raise UserError(f"python {command[0]} stopped before it finished (status {status}, see "
+                        f"{log}); finish it with python {line} --resume, then run this again")
+    print(f"  made {base}: {last}", flush=True)
 
 
 def make_model(args, checkpoint, device, rows_per_example=1):
@@ -1308,8 +1344,9 @@ def make_model(args, checkpoint, device, rows_per_example=1):
     return model.to(device), template
 
 
-def describe(model, tokenizer, args, device):
-    """Print what is trained, where, and on how many tokens a step; return the parameter count."""
+def describe(model, tokenizer, args, device, rows_per_example=1):
+    """Print what is trained, where, and on how many tokens a step (of --batch-size examples,
+    rows_per_example sequences each); return the parameter count."""
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params:,} parameters (every weight and bias; a tied head counted once), "
           f"{tokenizer.vocab_size} tokens, on {device} in {args.dtype}; weights "
@@ -1318,8 +1355,9 @@ def describe(model, tokenizer, args, device):
         trained = sum(t.numel() for t in adapter_state(model).values())
         print(f"{trained:,} of them trained ({trained / n_params:.2%}): the adapters of rank "
               f"{model.lora['lora_rank']}, and any new tokens' rows")
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
-    print(f"{args.batch_size} x {args.block_size} tokens x {args.grad_accum_steps} accumulation "
+    rows = rows_per_example * args.batch_size
+    tokens_per_step = rows * args.block_size * args.grad_accum_steps * args.world_size
+    print(f"{rows} x {args.block_size} tokens x {args.grad_accum_steps} accumulation "
           f"x {args.world_size} process(es) = {tokens_per_step:,} tokens per step")
     return n_params
 
@@ -1357,9 +1395,11 @@ def overfitting(history):
     best = min(history, key=lambda h: h["val"])
     if history[-1]["val"] <= best["val"]:
         return ""
+    earlier = (f"--max-iters {best['step']} stops earlier" if best["step"] else
+               "fewer steps, a smaller --lr or more data do better")
     return (f"the val loss rose after step {best['step']} ({best['val']:.4f} -> "
             f"{history[-1]['val']:.4f}): the model learned its train replies by heart; the "
-            f"checkpoint is the last step's (--max-iters {best['step']} stops earlier)\n")
+            f"checkpoint is the last step's ({earlier})\n")
 
 
 def ended_its_turn(reply, template):

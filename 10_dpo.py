@@ -6,11 +6,14 @@ preference format), and a loss that raises the first against the second relative
 model, -log sigmoid(beta ((log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log
 p_ref(rejected)))) (Rafailov et al. 2023): no reward model, no sampling while training. The
 reference is a frozen copy of the model DPO starts from or, with adapters (--lora-rank 8), the
-model itself with its adapters off: no second copy, what a large model needs. Logged as trl logs
-it: the loss, the rewards of chosen and rejected, their margin and how often it is positive.
-With no --data, the pairs are made from the model's own replies to Tiny Shakespeare's short
-prompts: one that ended its turn in the context is preferred to one that ran on past it, a
-property a program checks in the model's replies before DPO and after.
+model itself with its adapters off: no second copy, what a large model needs. DPO alone pushes
+log-probability ratios, not language: the chosen reply gains on the rejected one as well when
+both fall, and the model drifts from words. So by default the chosen replies' own loss is added
+(--sft-weight 1, RPO; trl's loss_type sft), which keeps them likely. Logged as trl logs it: the
+loss, the rewards of chosen and rejected, their margin and how often it is positive. With no
+--data, the pairs are made from the model's own replies to Tiny Shakespeare's short prompts: one
+that ended its turn in the context is preferred to one that ran on past it, a property a program
+checks in the model's replies before DPO and after, beside whether they are still words.
 
 This stage builds on stage 09 and imports it: the model and its adapters, loading a chat model,
 checkpoints and exact resume, Ctrl-C and torchrun, the training step, the samplers and the chat
@@ -19,17 +22,21 @@ are 09's; what this file holds is DPO's. It starts from the model stage 08 write
 09, or a Llama or Qwen3 chat model.
 
 Run with no flags for the run measured below (2-core CPU); --help lists the flags.
-Expect: 90 steps of DPO on stage 08's model, every weight trained: val loss 0.693 -> 0.231, the
-chosen reply ahead in 91% of val pairs (margin 3.05); of 576 replies to val prompts, 77 ended
-their turn in the context before DPO, 390 after; 23 s on a 2-core CPU. Checkpoint in runs/10_dpo/.
+Expect: 90 steps of DPO on stage 08's model, every weight trained: the chosen reply ahead in 95%
+of val pairs (margin 0.90); of 576 replies to val prompts, 77 ended their turn in the context
+before DPO, 514 after, and 84% of their runs of letters were words before, 79% after; the loss on
+real val replies 1.7471 -> 1.7826 (--sft-weight 0: 390 ended, 41% words, 2.7906); 24 s on a
+2-core CPU. Checkpoint in runs/10_dpo/.
 Then talk to it:
     python 10_dpo.py --chat
 """
 # %%
+import argparse
 import copy
 import gc
 import importlib
 import json
+import re
 import signal
 import time
 from contextlib import nullcontext
@@ -45,7 +52,7 @@ from tqdm import tqdm
 from shared import UserError, atomic_write, report
 from shared.cli import checked, nonempty, parse_args, run
 from shared.conversations import load_conversations, load_preferences, read_preferences
-from shared.data import check_token_ids
+from shared.data import check_token_ids, read_text
 from shared.device import all_reduce
 from shared.hub import weights_digest
 
@@ -54,6 +61,7 @@ from shared.hub import weights_digest
 stage09 = importlib.import_module("09_lora")
 # a chat model to start from, with adapters (that switch off) or without
 make_base = stage09.make_base
+check_lora_flags = stage09.check_lora_flags
 make_model = stage09.make_model
 load_model = stage09.load_model
 stage_folder = stage09.stage_folder
@@ -61,6 +69,7 @@ adapters_off = stage09.adapters_off
 # processes, checkpoints and exact resume
 start_processes = stage09.start_processes
 checkpoint_path = stage09.checkpoint_path
+trained_at = stage09.trained_at
 starting_checkpoint = stage09.starting_checkpoint
 save_checkpoint = stage09.save_checkpoint
 rng_states = stage09.rng_states
@@ -74,6 +83,8 @@ progress = stage09.progress
 check_finite = stage09.check_finite
 describe = stage09.describe
 overfitting = stage09.overfitting
+# conversations as examples, as fine-tuning learns them
+fit = stage09.fit
 # sampling, the chat and merging
 generate = stage09.generate
 ended_its_turn = stage09.ended_its_turn
@@ -178,7 +189,7 @@ def make_reference(args, model, checkpoint, device):
 
 # %% Preference pairs
 
-def fit(template, pairs, block_size):
+def fit_pairs(template, pairs, block_size):
     """Preference pairs as examples of block_size + 1 tokens (inputs all but the last, targets
     all but the first), chosen then rejected: the prompt and one reply, learned on the reply and
     its end token only (stage 08's mask), cut where the context ends (a reply cut there learns no
@@ -187,15 +198,13 @@ def fit(template, pairs, block_size):
     replies were cut and pairs dropped."""
     rows, cut, dropped = [], 0, 0
     for pair in pairs:
-        prompt, _ = template.render(pair["prompt"], reply_next=True)
+        prompt, replies = rendered(template, pair)
         # a reply's first token is the target after the prompt's last
         if len(prompt) > block_size:
             dropped += 1
             continue
         both = []
-        for reply in (pair["chosen"], pair["rejected"]):
-            ids, learned = template.render([*pair["prompt"],
-                                            {"role": "assistant", "content": reply}])
+        for ids, learned in replies:
             cut += len(ids) > block_size + 1
             padding = max(0, block_size + 1 - len(ids))
             both.append((ids[:block_size + 1] + [template.end] * padding,
@@ -209,15 +218,34 @@ def fit(template, pairs, block_size):
     return (ids[..., :-1], targets), cut, dropped
 
 
+def rendered(template, pair):
+    """The pair's prompt, and the prompt with each of its replies, chosen then rejected, as the
+    template renders them (token ids and what is learned); a character the model has no token for
+    is refused naming the pair's line, for pairs read from a file."""
+    try:
+        prompt, _ = template.render(pair["prompt"], reply_next=True)
+        replies = [template.render([*pair["prompt"], {"role": "assistant", "content": reply}])
+                   for reply in (pair["chosen"], pair["rejected"])]
+    except UserError as err:
+        if "line" not in pair:
+            raise
+        raise UserError(f"the preference pair of line {pair['line']}: {err}") from None
+    return prompt, replies
+
+
 def preference_data(args, template, train, val):
-    """fit's examples of the train and val pairs, with what was cut or dropped said."""
+    """fit_pairs' examples of the train and val pairs, with what was cut or dropped said."""
     splits = []
     for name, part in (("train", train), ("val", val)):
-        data, cut, dropped = fit(template, part, args.block_size)
+        data, cut, dropped = fit_pairs(template, part, args.block_size)
         plural = "" if len(part) == 1 else "s"
         print(f"{name}: {len(part):,} pair{plural}; in {args.block_size} tokens, {cut:,} "
-              f"replies cut where the context ends, {dropped:,} pairs dropped (their prompt fills "
-              "it)")
+              f"replies cut where the context ends (they learn no end token), {dropped:,} pairs "
+              "dropped (their prompt fills it)")
+        if name == "val" and len(part) < 10:
+            print(f"  {len(part)} val pair{plural} alone: the val loss, margin and accuracy say "
+                  "little, and a few train pairs are soon learned by heart; give more pairs, a "
+                  "tenth of which are kept for val")
         if not len(data[0]):
             raise UserError(f"no {name} pair has a prompt that leaves room for a reply in "
                             f"--block-size {args.block_size} tokens; give a longer one")
@@ -226,7 +254,7 @@ def preference_data(args, template, train, val):
 
 
 def get_batch(data, batch_size, block_size, device, generator=None):
-    """batch_size random pairs of fit's, data being their inputs and targets: the chosen rows,
+    """batch_size random pairs of fit_pairs', data being their inputs and targets: the chosen rows,
     then the rejected ones (2 batch_size rows of block_size tokens)."""
     inputs, targets = data
     ix = torch.randint(len(inputs), (batch_size,), generator=generator)
@@ -334,6 +362,8 @@ def train(dpo, optimizer, train_data, val_data, args, device, step, history, on_
     history, the speed and that signal."""
     splits = {"train": train_data, "val": val_data}
     raw_dpo = dpo.module if isinstance(dpo, DDP) else dpo  # evaluation needs no syncing
+    # what a step trains on, for its speed: a pair's two sequences
+    rows = argparse.Namespace(**{**vars(args), "batch_size": 2 * args.batch_size})
     history = list(history)
     start_step = step
     # the history's clock: seconds of this run, resumes included (not the time between them)
@@ -359,7 +389,7 @@ def train(dpo, optimizer, train_data, val_data, args, device, step, history, on_
                 print(f"step {step}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, val margin {losses['val_margin']:.3f}, "
                       f"accuracy {losses['val_accuracy']:.2f}"
-                      + progress(step, args, last_line, eval_seconds, evaluations), flush=True)
+                      + progress(step, rows, last_line, eval_seconds, evaluations), flush=True)
                 on_checkpoint(step, history)
                 last_line = (step, time.time(), eval_seconds)
             if step >= args.max_iters:
@@ -379,10 +409,10 @@ def train(dpo, optimizer, train_data, val_data, args, device, step, history, on_
             evaluating = step % args.eval_interval == 0 or step == args.max_iters
             if time.time() - last_line[1] > 5 and not evaluating:
                 print(f"step {step}: batch loss {loss:.4f}"
-                      + progress(step, args, last_line, eval_seconds, evaluations), flush=True)
+                      + progress(step, rows, last_line, eval_seconds, evaluations), flush=True)
                 last_line = (step, time.time(), eval_seconds)
     seconds = time.time() - start
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum_steps * args.world_size
+    tokens_per_step = rows.batch_size * args.block_size * args.grad_accum_steps * args.world_size
     tokens = (step - start_step) * tokens_per_step
     return history, tokens / max(seconds - eval_seconds, 1e-9), stop.received
 
@@ -415,11 +445,35 @@ def train_everywhere(dpo, optimizer, template, train_data, val_data, args, devic
     return result
 
 
+def real_reply_loss(model, template, args, device):
+    """The loss on the real replies of Tiny Shakespeare's val conversations that fit the context
+    (stage 08's val loss, on all of them at once): how far tuning moved the model from what
+    fine-tuning on such replies taught it, on text it never chose between."""
+    _, conversations = load_conversations()
+    (inputs, targets), _, _ = fit(template, conversations, args.block_size)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = model(inputs.to(device), targets.to(device))[1].item()
+    model.train(was_training)
+    return loss, len(inputs)
+
+
+def words(replies, template):
+    """Of the runs of letters in the replies, the share that are words of Tiny Shakespeare
+    (lowercased): whether they are still made of words, or of made-up ones such as `ozj`."""
+    known = set(re.findall(r"[a-z]+", read_text().lower()))
+    runs = [run.lower() for reply in replies
+            for run in re.findall(r"[A-Za-z]+", template.decode(reply))]
+    return sum(run in known for run in runs) / max(len(runs), 1)
+
+
 def demo(dpo, template, pairs, args, device):
-    """The model's replies to the first three val prompts, next to a preferred one; then SAMPLES
-    replies of the reference and as many of the model to every val prompt, the same seed for
-    both, and how many of each ended their turn in the room the context leaves: the property the
-    pairs made from Tiny Shakespeare prefer."""
+    """The model's replies to the first three val prompts, next to a preferred one; then, for the
+    pairs made from Tiny Shakespeare, before DPO (the reference) and after: of SAMPLES replies to
+    every val prompt (the same seed for both), how many ended their turn in the room the context
+    leaves, the property the pairs prefer, and how many of their runs of letters are words; and
+    the loss on the real replies of the val conversations."""
     # each prompt once: a prompt of the default pairs may have several
     firsts = {}
     for pair in pairs:
@@ -433,16 +487,24 @@ def demo(dpo, template, pairs, args, device):
         sampler = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         print_samples(dpo.policy, template, prompt, args, device, {"the model's": sampler})
         print()
+    if args.data:
+        return
     prompts = [template.render(pair["prompt"], reply_next=True)[0] for pair in firsts.values()]
     prompts = prompts * SAMPLES
     reference = dpo.policy if dpo.reference is None else dpo.reference
     with adapters_off(dpo.policy) if dpo.reference is None else nullcontext():
         before = sample_replies(reference, template, prompts, args, device)
+        loss_before, conversations = real_reply_loss(reference, template, args, device)
     after = sample_replies(dpo.policy, template, prompts, args, device)
+    loss_after, _ = real_reply_loss(dpo.policy, template, args, device)
     ended = [sum(ended_its_turn(reply, template) for reply in replies)
              for replies in (before, after)]
     print(f"of {len(prompts)} replies to the val prompts, {SAMPLES} each, {ended[0]} ended their "
-          f"turn in the context before DPO (the reference), {ended[1]} after")
+          f"turn in the context before DPO (the reference), {ended[1]} after; of their runs of "
+          f"letters, {words(before, template):.0%} were words of Tiny Shakespeare before, "
+          f"{words(after, template):.0%} after")
+    print(f"the loss on the real replies of the {conversations} val conversations that fit: "
+          f"{loss_before:.4f} before DPO, {loss_after:.4f} after")
 
 
 # %% [markdown]
@@ -469,9 +531,10 @@ def add_flags(parser):
     parser.add_argument("--temperature", type=checked("temperature", float), default=1.0,
                         help="of the replies that --sample, --chat and the demo print (the default "
                         "pairs are sampled at 1); 0: greedy")
-    parser.add_argument("--sft-weight", type=checked("sft_weight", float), default=0.0,
+    parser.add_argument("--sft-weight", type=checked("sft_weight", float), default=1.0,
                         metavar="FLOAT", help="add this times the loss on the chosen replies "
-                        "(trl's loss_type sft, RPO); 0: DPO alone")
+                        "(trl's loss_type sft, RPO), which keeps them words; 0: DPO alone, whose "
+                        "replies drift from words")
     parser.add_argument("--dpo-beta", type=checked("dpo_beta", float), default=0.1,
                         metavar="FLOAT", help="beta: how much a reward is worth against the "
                         "reference's log-probability, how far DPO may move the model from it")
@@ -494,7 +557,9 @@ def parse_flags(argv):
     recipe = RECIPES["finetune" if hugging_face else "dpo"]
     if args.lora_rank:
         recipe = {**recipe, "lr": 4 * recipe["lr"]}
-    return parse_args(argv, STAGE, __doc__, recipe, **flags)
+    args = parse_args(argv, STAGE, __doc__, recipe, **flags)
+    check_lora_flags(argv, args)
+    return args
 
 
 def main(argv=None):
@@ -516,9 +581,10 @@ def main(argv=None):
             make_base(BASE, [BASE_SCRIPT])
     model, template = make_model(args, checkpoint, device, rows_per_example=2)
     if model.first_new_row < model.config.vocab_size:
-        raise UserError(f"{args.init_from} is a model with no chat template yet (a run of stage "
-                        "07?): DPO tunes a chat model, a run of stage 08, a merged one of 09, or "
-                        "a Llama or Qwen3 chat model")
+        raise UserError(f"{args.init_from} holds a model with no chat template yet "
+                        f"({trained_at(Path(args.init_from) / 'ckpt.pt')}): DPO tunes a chat "
+                        "model, a run of stage 08, a merged one of 09, or a Llama or Qwen3 chat "
+                        "model")
     reference = make_reference(args, model, checkpoint, device)
     if not args.data:
         train_pairs, val_pairs = shakespeare_preferences(model, template, args, device)
@@ -534,7 +600,7 @@ def main(argv=None):
         step, history = checkpoint["step"], checkpoint["history"]
         set_rng_state(checkpoint["rng_states"], rank, world_size)
         print(f"resuming from step {step} of {checkpoint_path(args)}")
-    n_params = describe(model, template, args, device)
+    n_params = describe(model, template, args, device, rows_per_example=2)
 
     history, tokens_per_second, stopped_by = train_everywhere(
         dpo, optimizer, template, train_data, val_data, args, device, rank, step, history)

@@ -28,7 +28,7 @@ Run with no flags for the run measured below (2-core CPU); --help lists the flag
 Expect: 600 steps of 16 problems x 8 replies, every weight trained; on 128 held-out words,
 pass@1 0.368 -> 0.876 and pass@8 0.727 -> 0.945, in 2 minutes on a 2-core CPU (after the
 fine-tuning on the task that it starts from). Checkpoint in runs/11_grpo/.
-Then ask it for a word backwards:
+Then ask it for words backwards, each question answered on its own, greedily:
     python 11_grpo.py --chat
 """
 # %%
@@ -49,17 +49,18 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shared import UserError, atomic_write, report
+from shared import UserError, atomic_write, duration, report
 from shared.cli import checked, nonempty, parse_args, run
 from shared.data import check_token_ids, read_file, read_text
 from shared.device import all_reduce
-from shared.hub import weights_digest
+from shared.hub import hub_dataset, weights_digest
 
 # Stage 09, which this stage builds on: a file name that starts with a digit can't follow
 # `import`, so importlib loads it. What this stage takes from it, by name:
 stage09 = importlib.import_module("09_lora")
 # a chat model to start from, with adapters (that switch off) or without
 make_base = stage09.make_base
+check_lora_flags = stage09.check_lora_flags
 make_model = stage09.make_model
 load_model = stage09.load_model
 stage_folder = stage09.stage_folder
@@ -67,6 +68,7 @@ adapters_off = stage09.adapters_off
 # processes, checkpoints and exact resume
 start_processes = stage09.start_processes
 checkpoint_path = stage09.checkpoint_path
+trained_at = stage09.trained_at
 starting_checkpoint = stage09.starting_checkpoint
 save_checkpoint = stage09.save_checkpoint
 rng_states = stage09.rng_states
@@ -309,13 +311,7 @@ class GSM8K:
             n = min(int(0.9 * len(problems)), len(problems) - 1)
             self.train, self.val = problems[:n], problems[n:]
         else:
-            try:
-                from datasets import load_dataset
-                splits = load_dataset("openai/gsm8k", "main")
-            except Exception as err:
-                raise UserError("could not load GSM8K from the hub (needs the datasets package "
-                                f"and the network: {type(err).__name__}); give its problems "
-                                "with --data") from None
+            splits = hub_dataset("openai/gsm8k", "main", "give its problems with --data")
             self.train, self.val = list(splits["train"]), list(splits["test"])
 
     def messages(self, problem):
@@ -362,6 +358,23 @@ def make_task_base(task):
     with atomic_write(Path(BASE) / "sft.jsonl", "w") as f:
         f.write("".join(line + "\n" for line in lines))
     make_base(BASE, [BASE_SCRIPT, "--data", f"{BASE}/sft.jsonl", "--out", BASE, *SFT_FLAGS])
+
+
+def drop_what_does_not_fit(task, template, block_size):
+    """The task's problems, less those whose question leaves a reply no room in the context
+    (said, with their count); none left is refused in one sentence, before any sampling."""
+    for name in ("train", "val"):
+        problems = getattr(task, name)
+        kept = [problem for problem in problems
+                if len(template.render(task.messages(problem), reply_next=True)[0]) < block_size]
+        if len(kept) < len(problems):
+            print(f"{name}: {len(problems) - len(kept):,} of {len(problems):,} problems dropped: "
+                  f"their question leaves a reply no room in --block-size {block_size} tokens")
+        if not kept:
+            raise UserError(f"no {name} problem's question leaves a reply room in --block-size "
+                            f"{block_size} tokens; give a model with a longer context, or "
+                            "shorter problems")
+        setattr(task, name, kept)
 
 
 def answer_data(task, template, problems, block_size):
@@ -429,12 +442,9 @@ def progress(step, args, last_line, eval_seconds, evaluations):
                            if later % args.eval_interval == 0 or later == args.max_iters)
     left = (step_seconds * (args.max_iters - step)
             + evaluations_left * eval_seconds / max(evaluations, 1))
-    # whole seconds, rounded before they are split: never 8:60
-    seconds = round(left)
-    clock = f"{seconds // 3600}:{seconds // 60 % 60:02}:{seconds % 60:02}"
     replies = args.batch_size * args.group_size * args.grad_accum_steps * args.world_size
     return (f" | {1000 * step_seconds:.1f} ms/step, {replies / step_seconds:,.0f}"
-            f" replies/s, {clock} left")
+            f" replies/s, {duration(left)} left")
 
 
 def train(grpo, optimizer, task, template, args, device, step, history, on_checkpoint):
@@ -607,9 +617,9 @@ def add_flags(parser):
     parser.add_argument("--lora-rank", type=checked("lora_rank", int), default=0, metavar="INT",
                         help="the adapters' rank r, the KL penalty's reference then the model "
                         "with them off; 0: every weight trains")
-    parser.add_argument("--temperature", type=checked("temperature", float), default=1.0,
+    parser.add_argument("--temperature", type=checked("temperature", float), default=0.0,
                         help="of the replies that --sample, --chat and the demo print (RL samples "
-                        "the replies it learns from at 1); 0: greedy")
+                        "the replies it learns from at 1); 0: greedy, the likeliest answer")
     parser.add_argument("--task", choices=list(TASKS), default="backwards",
                         help="the problems and their checker")
     parser.add_argument("--group-size", type=checked("group_size", int), default=8,
@@ -650,6 +660,7 @@ def parse_flags(argv):
     if args.lora_rank:
         recipe = {**recipe, "lr": 4 * recipe["lr"]}
     args = parse_args(argv, STAGE, __doc__, recipe, **flags)
+    check_lora_flags(argv, args)
     if args.group_size < 2:
         raise UserError("--group-size must be 2 or more: a reply's advantage is how it compares "
                         "with the others of its group")
@@ -660,7 +671,8 @@ def main(argv=None):
     args = parse_flags(argv)
     rank, world_size, device = start_processes(args)
     if args.sample or args.chat:
-        sample_only(args, device)
+        # a task's questions are not a conversation: each is answered on its own
+        sample_only(args, device, keep_conversation=False)
         return
     if args.merge:
         merge_only(args, STAGE)
@@ -679,9 +691,11 @@ def main(argv=None):
     # a step learns from G replies to each of its problems
     model, template = make_model(args, checkpoint, device, rows_per_example=args.group_size)
     if model.first_new_row < model.config.vocab_size:
-        raise UserError(f"{args.init_from} is a model with no chat template yet (a run of stage "
-                        "07?): RL tunes a chat model, a run of stage 08, a merged one of 09, or "
-                        "a Llama or Qwen3 chat model")
+        raise UserError(f"{args.init_from} holds a model with no chat template yet "
+                        f"({trained_at(Path(args.init_from) / 'ckpt.pt')}): RL tunes a chat "
+                        "model, a run of stage 08, a merged one of 09, or a Llama or Qwen3 chat "
+                        "model")
+    drop_what_does_not_fit(task, template, args.block_size)
     reference = make_reference(args, model, checkpoint, device)
     prompts = [template.render(task.messages(problem), reply_next=True)[0]
                for problem in task.train + task.val]

@@ -74,18 +74,20 @@ def parse_preference(line):
         if len(reply) != 1 or reply[0]["role"] != "assistant":
             raise ValueError(f'"{key}" is not one message of the assistant\'s')
         pair[key] = reply[0]["content"]
+    if pair["chosen"] == pair["rejected"]:
+        raise ValueError("the chosen and the rejected reply are the same: nothing to prefer")
     return pair
 
 
 def read_preferences(path):
     """The pairs of a JSONL file of preferences, a line each (parse_preference): a prompt and its
-    chosen and rejected replies."""
+    chosen and rejected replies, and the number of its line, for a later error to name."""
     pairs = []
     for number, line in enumerate(read_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            pairs.append(parse_preference(line))
+            pairs.append({**parse_preference(line), "line": number})
         except ValueError as problem:
             raise UserError(f"--data {path}, line {number}: {problem}") from None
     return pairs

@@ -55,6 +55,29 @@ def hub_endpoint_unreachable():
     return None
 
 
+def hub_dataset(name, config, instead):
+    """The splits of a dataset of the Hugging Face hub, through the datasets package; what goes
+    wrong in one sentence that ends with what to do instead. Offline, the hub is asked once with a
+    short timeout (datasets would retry for half a minute)."""
+    endpoint = hub_endpoint_unreachable()
+    if endpoint:
+        raise UserError(f"could not load {name} from the Hugging Face hub: {endpoint} cannot be "
+                        f"reached from here; {instead}")
+    try:
+        from datasets import load_dataset
+        from datasets.utils.logging import disable_progress_bar, set_verbosity_error
+    except ImportError:
+        raise UserError(f"loading {name} from the Hugging Face hub needs the datasets package "
+                        f"(pip install datasets); {instead}") from None
+    disable_progress_bar()
+    set_verbosity_error()
+    try:
+        return load_dataset(name, config)
+    except Exception as err:
+        raise UserError(f"could not load {name} from the Hugging Face hub "
+                        f"({type(err).__name__}); {instead}") from None
+
+
 def pretrained_context(name_or_path):
     """The longest context, in tokens, that a pretrained model was trained for."""
     return from_hugging_face("AutoConfig", name_or_path).max_position_embeddings

@@ -895,8 +895,9 @@ def dpo():
     print("python 10_dpo.py on python 08_chat.py's model: the loss on the real replies of the "
           f"{before['replies']} val conversations that fit (stage 08's measure, on all of them)")
     print(f"  before DPO (stage 08's model): {before['loss']:.4f}")
-    runs = {"(its defaults: every weight, a frozen copy)": [],
-            "--sft-weight 1": ["--sft-weight", "1"], "--lora-rank 8": ["--lora-rank", "8"]}
+    runs = {"(its defaults: every weight, a frozen copy, --sft-weight 1)": [],
+            "--sft-weight 0 (DPO alone)": ["--sft-weight", "0"],
+            "--lora-rank 8": ["--lora-rank", "8"]}
     for name, flags in runs.items():
         folder = command("10_dpo", "--init-from", tuned, *flags)[2]
         after = child("replyloss", "10_dpo", folder)
@@ -1019,7 +1020,8 @@ def main():
                    "adamw": lambda: lora_with_adamw(json.loads(rest[0])),
                    "qwen3": lambda: qwen3_folder(rest[0]),
                    "qwen3step": lambda: measure_qwen3_step(*rest),
-                   "dpostep": lambda: measure_qwen3_step(*rest, "10_dpo", "prefs.jsonl"),
+                   "dpostep": lambda: measure_qwen3_step(*rest, "10_dpo", "prefs.jsonl",
+                                                         flags=["--sft-weight", "0"]),
                    "replyloss": lambda: real_reply_loss(*rest),
                    "trlstep": lambda: measure_trl_dpo_step(*rest),
                    "rollout": lambda: measure_rollout_speed(*rest),

@@ -1,12 +1,14 @@
 """Stage 10: DPO's loss and statistics against trl's, its reference, and bad preference files."""
 import json
 import math
+import shutil
+import subprocess
 import types
 
 import pytest
 import torch
 
-from conftest import load_stage, stage_error
+from conftest import PAIRS, QUICK, SMALL_BATCH, load_stage, quick_flags, stage_error
 from shared.conversations import load_conversations, parse_preference
 from test_chat import moved_copies, write_jsonl
 
@@ -54,7 +56,8 @@ def as_read(pairs):
 
 def trl_step(folder, pairs, out, ref_model=None, peft_config=None, **config):
     """trl's DPOTrainer on the model in folder, in float32 on the CPU: one batch of every pair from
-    its data loader, its loss on that batch and what it logged of it."""
+    its data loader, its loss on that batch (the gradient of what trains worked out) and what it
+    logged of it."""
     args = trl.DPOConfig(output_dir=str(out), beta=BETA, per_device_train_batch_size=len(pairs),
                          report_to="none", use_cpu=True, bf16=False,
                          activation_checkpointing=False, precompute_ref_log_probs=False,
@@ -67,8 +70,8 @@ def trl_step(folder, pairs, out, ref_model=None, peft_config=None, **config):
     batch = next(iter(trainer.get_train_dataloader()))
     # in training mode, as its training step puts it: what it logs is the train metrics
     trainer.model.train()
-    with torch.no_grad():
-        loss = trainer.compute_loss(trainer.model, batch)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
     logged = {name: values[-1] for name, values in trainer._metrics["train"].items()}
     return trainer, batch, loss.item(), logged
 
@@ -109,6 +112,10 @@ def test_the_loss_and_statistics_equal_trls(folders, pairs, tmp_path, reference,
                     copied += 1
         assert copied == 2 * 2 * len(trunk.TARGETS)
         ours = dpo.DPO(model, None, BETA, sft_weight)
+
+        def their_name(name):
+            module, matrix = name.rsplit(".", 1)
+            return f"base_model.model.{trunk.hugging_face_name(module)}.{matrix}.default.weight"
     else:
         theirs = transformers.AutoModelForCausalLM.from_pretrained(reference_folder)
         trainer, batch, loss, logged = trl_step(policy_folder, pairs, tmp_path, ref_model=theirs,
@@ -116,15 +123,24 @@ def test_the_loss_and_statistics_equal_trls(folders, pairs, tmp_path, reference,
         policy, _ = dpo.load_model(str(policy_folder))
         frozen, _ = dpo.load_model(str(reference_folder))
         ours = dpo.DPO(policy, frozen.requires_grad_(False).eval(), BETA, sft_weight)
+        their_name = trunk.hugging_face_name
     x, y = ours_from(batch)
-    with torch.no_grad():
-        statistics, our_loss = ours(x, y)
+    statistics, our_loss = ours(x, y)
+    our_loss.backward()
     # the policy is not its reference: the rewards are not all 0
     assert abs(logged["rewards/chosen"]) > 1e-3 and abs(logged["rewards/rejected"]) > 1e-3
     assert abs(our_loss.item() - loss) <= 1e-5
     for key, name in (("chosen", "rewards/chosen"), ("rejected", "rewards/rejected"),
                       ("margin", "rewards/margins"), ("accuracy", "rewards/accuracies")):
         assert abs(statistics[key].item() - logged[name]) <= 1e-5, key
+    # the same gradient of every weight that trains (the adapters, or every weight)
+    theirs = dict(trainer.model.named_parameters())
+    trained = [(name, p) for name, p in ours.policy.named_parameters() if p.requires_grad]
+    assert len(trained) == (4 * len(trunk.TARGETS) if reference == "adapters off" else
+                            len(list(ours.policy.parameters())))
+    for name, p in trained:
+        assert (p.grad - theirs[their_name(name)].grad).abs().max() <= 1e-5, name
+    assert max(p.grad.abs().max() for _, p in trained) > 1e-3
 
 
 def test_the_pairs_are_rendered_as_trl_renders_them(folders, pairs, tmp_path):
@@ -132,7 +148,7 @@ def test_the_pairs_are_rendered_as_trl_renders_them(folders, pairs, tmp_path):
     <|im_end|>, which trl counts as part of the reply and the stage does not."""
     trainer, *_ = trl_step(folders[0], pairs, tmp_path)
     _, template = dpo.load_model(str(folders[0]))
-    (_, targets), cut, dropped = dpo.fit(template, as_read(pairs), 96)
+    (_, targets), cut, dropped = dpo.fit_pairs(template, as_read(pairs), 96)
     assert (cut, dropped) == (0, 0)
     newline = template.tokenizer.encode("\n", add_special_tokens=False)
     for i, (pair, theirs) in enumerate(zip(pairs, trainer.train_dataset, strict=True)):
@@ -147,7 +163,7 @@ def test_the_pairs_are_rendered_as_trl_renders_them(folders, pairs, tmp_path):
 @pytest.fixture
 def small(tokenizer, pairs):
     """A small model of ours with stage 08's template, every weight random, and a batch of the
-    pairs (chosen rows, then rejected) as fit and get_batch make it."""
+    pairs (chosen rows, then rejected) as fit_pairs and get_batch make it."""
     template = trunk.ChatTemplate(tokenizer)
     torch.manual_seed(0)
     config = trunk.GPTConfig(block_size=96, vocab_size=template.vocab_size, n_layer=2, n_head=2,
@@ -156,10 +172,42 @@ def small(tokenizer, pairs):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))  # the zero-initialized projections too
-    data, cut, _ = dpo.fit(template, as_read(pairs), 96)
+    data, cut, _ = dpo.fit_pairs(template, as_read(pairs), 96)
     assert cut == 0
     x, y = dpo.get_batch(data, len(pairs), 96, torch.device("cpu"))
     return model, x, y
+
+
+def test_dpo_trains_towards_the_chosen_replies_through_the_stages_loop(tokenizer):
+    """get_batch and train() as the stage runs them: a batch is the chosen rows, then the rejected
+    ones, so that training raises the chosen replies against the rejected on the pairs it learns
+    (DPO's loss alone could not tell the two ways round apart: ln 2 at the start, falling
+    after). Four exchanges' real replies chosen, four others' rejected: no reply is on both
+    sides."""
+    cpu = torch.device("cpu")
+    train, _ = load_conversations()
+    short = [c[:2] for c in train if len(c[0]["content"]) + len(c[1]["content"]) < 60][:8]
+    pairs = [{"prompt": [prompt], "chosen": [reply], "rejected": [short[i + 4][1]]}
+             for i, (prompt, reply) in enumerate(short[:4])]
+    template = trunk.ChatTemplate(tokenizer)
+    torch.manual_seed(0)
+    config = trunk.GPTConfig(block_size=96, vocab_size=template.vocab_size, n_layer=2, n_head=2,
+                             n_embd=32)
+    model = trunk.GPT(config)
+    data, _, _ = dpo.fit_pairs(template, as_read(pairs), 96)
+    x, _ = dpo.get_batch(data, 8, 96, cpu)
+    chosen = {tuple(row) for row in data[0][:, 0].tolist()}
+    assert all(tuple(row) in chosen for row in x[:8].tolist())
+    args = types.SimpleNamespace(lr=1e-2, weight_decay=0.0, warmup_iters=1, max_iters=20,
+                                 grad_clip=1.0, dtype="float32", eval_interval=20, eval_iters=2,
+                                 batch_size=4, block_size=96, seed=0, world_size=1,
+                                 grad_accum_steps=1)
+    ours = dpo.DPO(model, dpo.make_reference(lora_flags(0), model, None, cpu), BETA, 0.0)
+    optimizer = dpo.configure_optimizer(model, args)
+    history, _, _ = dpo.train(ours, optimizer, data, data, args, cpu, 0, [],
+                              lambda step, history: None)
+    assert history[0]["val_margin"] == 0 and history[-1]["val_margin"] > 1
+    assert history[-1]["val_accuracy"] == 1
 
 
 @pytest.mark.parametrize("rank", [4, 0])
@@ -226,6 +274,8 @@ GOOD = {"prompt": [{"role": "user", "content": "Who's there?"}],
      """line 2: "chosen" is not one message of the assistant's"""),
     (json.dumps({**GOOD, "chosen": GOOD["chosen"] * 2}),
      """line 2: "chosen" is not one message of the assistant's"""),
+    (json.dumps({**GOOD, "rejected": GOOD["chosen"]}),
+     "line 2: the chosen and the rejected reply are the same: nothing to prefer"),
 ])
 def test_bad_preference_lines_get_one_sentence_naming_the_line(tmp_path, capsys, line, message):
     data = write_jsonl(tmp_path / "prefs.jsonl", [json.dumps(GOOD), line, json.dumps(GOOD)])
@@ -247,7 +297,9 @@ def test_dpo_of_a_hugging_face_model_with_adapters_then_merged_and_exported(fold
     reference, _ = folders
     data = write_jsonl(tmp_path / "prefs.jsonl", [json.dumps(pair) for pair in pairs * 3])
     out = tmp_path / "run"
+    # DPO's loss alone (--sft-weight 0), which falls below ln 2 as the pairs are learned
     dpo.main(["--init-from", str(reference), "--data", data, "--lora-rank", "4", "--lr", "1e-2",
+              "--sft-weight", "0",
               "--batch-size", "4", "--max-iters", "8", "--eval-interval", "8", "--eval-iters",
               "2", "--max-new-tokens", "2", "--out", str(out)])
     losses = [float(line.split("val loss ")[1].split(",")[0])
@@ -259,3 +311,86 @@ def test_dpo_of_a_hugging_face_model_with_adapters_then_merged_and_exported(fold
     x = torch.randint(320, (2, 24))
     with torch.no_grad():
         assert (model.eval()(x)[0] - exported(x).logits).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------- on its command line, as a user
+
+def quick(base, out, *flags):
+    """Flags of a quick run of the stage on the chat model of the base fixture and its pairs."""
+    return [*quick_flags("10_dpo", out, base / "chat"), *flags]
+
+
+def test_a_resumed_run_keeps_the_rank_it_trained_with(base, tmp_path, capsys):
+    dpo.main(quick(base, tmp_path, "--max-iters", "2"))
+    message = stage_error(capsys, dpo.main, *quick(base, tmp_path, "--max-iters", "4", "--resume",
+                                                   "--lora-rank", "4"))
+    assert "was trained with --lora-rank 0, not 4; resume with the flags it was trained" in message
+
+
+@pytest.mark.parametrize("flag", [["--lora-alpha", "32"], ["--lora-dropout", "0.1"],
+                                  ["--lora-targets", "q_proj"]])
+def test_adapter_flags_without_adapters_are_refused(base, tmp_path, capsys, flag):
+    message = stage_error(capsys, dpo.main, *quick(base, tmp_path, *flag))
+    assert f"{flag[0]} shapes adapters, and --lora-rank 0 trains without them" in message
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_model_that_is_no_chat_model_yet_is_refused_naming_its_stage(base, tmp_path, capsys):
+    # the quick run of stage 07, which has no rows for the template's tokens yet
+    flags = [*quick(base, tmp_path), "--init-from", str(base)]
+    message = stage_error(capsys, dpo.main, *flags)
+    assert f"{base} holds a model with no chat template yet (07_modern.py, step 6)" in message
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_run_of_stage_06_is_refused_with_what_to_give(tmp_path, capsys):
+    gpt2 = tmp_path / "06"
+    load_stage("06_train_for_real").main([*quick_flags("06_train_for_real", gpt2)])
+    message = stage_error(capsys, dpo.main, "--init-from", str(gpt2), "--out",
+                          str(tmp_path / "run"))
+    assert "is a checkpoint of 06_train_for_real.py, whose GPT-2 model this stage" in message
+    assert "give --init-from a run of stage 07 or later" in message
+
+
+def test_a_character_the_model_has_no_token_for_names_its_line(base, tmp_path, capsys):
+    odd = {**GOOD, "chosen": [{"role": "assistant", "content": "Nay, ½ of it."}]}
+    data = write_jsonl(tmp_path / "prefs.jsonl", [json.dumps(GOOD)] * 3 + [json.dumps(odd)])
+    message = stage_error(capsys, dpo.main, *quick(base, tmp_path / "run"), "--data", data)
+    assert "the preference pair of line 4: the character '½' never occurs" in message
+
+
+def test_a_few_pairs_of_ones_own_are_said_to_measure_little(base, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "prefs.jsonl", [json.dumps(GOOD)] * 12)
+    dpo.main([*quick(base, tmp_path / "run"), "--data", data, "--max-new-tokens", "2"])
+    printed = capsys.readouterr().out
+    assert "  2 val pairs alone: the val loss, margin and accuracy say little" in printed
+    # a step trains on both sequences of each of its 4 pairs
+    assert "8 x 64 tokens x 1 accumulation x 1 process(es) = 512 tokens per step" in printed
+    # the closing figures are of the pairs made from Tiny Shakespeare, not of one's own
+    assert "ended their turn" not in printed and "the real replies" not in printed
+
+
+def test_without_init_from_stage_08s_default_run_is_made_first_and_said_in_two_lines(
+        base, tmp_path, monkeypatch, capsys):
+    """Where runs/08_chat is missing, the stage makes it (here a quick run, on a quick run of 07
+    already in runs/07_modern) as a process of its own, whose output goes to its made.log: the
+    line that it is being made, and the line of its last evaluation."""
+    shutil.copytree(base, tmp_path / "runs" / "07_modern")
+    popen = subprocess.Popen
+
+    def quick_stage_08(command, **options):
+        return popen([*command, *QUICK, *SMALL_BATCH], **options)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trunk.subprocess, "Popen", quick_stage_08)
+    dpo.main([*QUICK, *SMALL_BATCH, "--data", str(base / "chat" / PAIRS)])
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert lines[0] == ("runs/08_chat holds no model yet: making it first with python 08_chat.py "
+                        "(what it prints: runs/08_chat/made.log)")
+    assert lines[1].startswith("  made runs/08_chat: step 6: train loss ")
+    assert "weights runs/08_chat" in printed
+    # the run that made it, its demo included, in its log alone
+    made = (tmp_path / "runs" / "08_chat" / "made.log").read_text()
+    assert "talk to it with python 08_chat.py --chat" in made
+    assert "python 08_chat.py --chat" not in printed

@@ -1,14 +1,18 @@
 """Stage 11: GRPO's advantages and loss against trl's GRPOTrainer, the tasks' checkers, and RL
 raising a made-up task's reward."""
+import io
 import itertools
 import json
+import os
+import subprocess
+import sys
 import time
 import types
 
 import pytest
 import torch
 
-from conftest import load_stage, stage_error
+from conftest import ROOT, load_stage, quick_flags, stage_error
 from shared import UserError
 from shared.tokenizer import CharTokenizer
 from test_chat import moved_copies, write_jsonl
@@ -34,10 +38,24 @@ def backwards():
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, shakespeare):
-    """A small random Qwen3 (QK-norm, untied head), saved with a ChatML tokenizer: the reference;
-    and a copy of it, every weight moved a little, the policy that RL has moved away from it."""
-    return moved_copies("qwen3", tmp_path_factory.mktemp("hf"), shakespeare[:20_000])
+def models(tmp_path_factory, shakespeare):
+    """By architecture, a small random Qwen3 (QK-norm, untied head) or Llama (tied), saved with a
+    ChatML tokenizer: the reference; and a copy of it, every weight moved a little, the policy
+    that RL has moved away from it. Each made when first asked for."""
+    made = {}
+
+    def folders(architecture):
+        if architecture not in made:
+            made[architecture] = moved_copies(architecture, tmp_path_factory.mktemp("hf"),
+                                              shakespeare[:20_000])
+        return made[architecture]
+
+    return folders
+
+
+@pytest.fixture(scope="module")
+def folders(models):
+    return models("qwen3")
 
 
 # the texts of the G replies to the first problem of a batch and to the second ({right}: its
@@ -81,16 +99,21 @@ def trl_trainer(folder, task, out, **config):
                            processing_class=processing_class)
 
 
-@pytest.mark.parametrize("beta", [0.0, BETA])
-@pytest.mark.parametrize("scale_rewards", ["group", "none"])
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
-def test_the_advantages_loss_and_gradients_equal_trls(folders, backwards, tmp_path, monkeypatch,
-                                                      loss_type, scale_rewards, beta):
+# every switch on Qwen3; on Llama (a tied head), the two ends
+CASES = [("qwen3", loss_type, scale_rewards, beta) for loss_type in ("grpo", "dr_grpo", "dapo")
+         for scale_rewards in ("group", "none") for beta in (0.0, BETA)]
+CASES += [("llama", "grpo", "group", BETA), ("llama", "dapo", "none", 0.0)]
+
+
+@pytest.mark.parametrize("architecture, loss_type, scale_rewards, beta", CASES)
+def test_the_advantages_loss_and_gradients_equal_trls(models, backwards, tmp_path, monkeypatch,
+                                                      architecture, loss_type, scale_rewards,
+                                                      beta):
     """The same replies to the same prompts, laid out by rollout for us and by trl's
     _generate_and_score_completions for it (only its sampling replaced), with the same rewards:
     the same advantages, KL, loss and gradients, on-policy and with old log-probabilities far
     enough from the current ones for the clip to act."""
-    reference_folder, policy_folder = folders
+    reference_folder, policy_folder = models(architecture)
     # trl's defaults otherwise, its KL multiplied by the ratio included
     trainer = trl_trainer(policy_folder, backwards, tmp_path, loss_type=loss_type,
                           scale_rewards=scale_rewards, beta=beta)
@@ -288,6 +311,9 @@ def test_a_diverging_run_ends_with_one_sentence(tiny):
 def test_backwards_rewards_the_word_backwards_and_nothing_else(backwards):
     assert [backwards.reward("fair", reply) for reply in
             ("riaf", "fair", "Riaf", "riaf ", " riaf", "ria", "")] == [1, 0, 0, 0, 0, 0, 0]
+    # any one letter wrong, the last too
+    wrong = ("xiaf", "rxaf", "rixf", "riax")
+    assert [backwards.reward("fair", reply) for reply in wrong] == [0] * 4
     assert backwards.answer("fair") == "riaf"
     assert len(backwards.val) == 300 and not set(backwards.train) & set(backwards.val)
     words = backwards.train + backwards.val
@@ -395,3 +421,129 @@ def test_the_progress_line_counts_the_replies_a_step_samples(monkeypatch):
                                  max_iters=1000, eval_interval=100)
     line = grpo.progress(200, args, (100, 980.0, 20.0), 30.0, 3)
     assert line == " | 100.0 ms/step, 640 replies/s, 0:02:40 left"
+
+
+def train_flags(**changes):
+    """The flags of a few steps of train() on FirstLetter, over changes."""
+    flags = dict(group_size=8, kl_beta=0.0, clip_epsilon=EPSILON, loss_norm="dapo",
+                 scale_rewards=False, updates=1, lr=3e-2, weight_decay=0.0, warmup_iters=0,
+                 max_iters=2, grad_clip=1.0, dtype="float32", block_size=16, eval_interval=100,
+                 eval_iters=1, batch_size=4, seed=0, world_size=1, grad_accum_steps=1)
+    return types.SimpleNamespace(**{**flags, **changes})
+
+
+def run_train(model, template, flags):
+    ours = grpo.GRPO(model, None, flags, FirstLetter.reply_tokens)
+    optimizer = grpo.configure_optimizer(model, flags)
+    return grpo.train(ours, optimizer, FirstLetter(), template, flags, CPU, 0, [],
+                      lambda step, history: None)
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_train_divides_the_advantages_by_the_groups_std_as_asked(tiny, monkeypatch, scale):
+    model, template = tiny
+    asked = []
+
+    def advantages(rewards, group_size, scale):
+        asked.append(scale)
+        return group_advantages(rewards, group_size, scale)
+
+    group_advantages = grpo.group_advantages
+    monkeypatch.setattr(grpo, "group_advantages", advantages)
+    run_train(model, template, train_flags(scale_rewards=scale))
+    assert asked == [scale, scale]
+
+
+def test_a_second_update_measures_its_ratio_against_the_model_that_sampled(tiny, monkeypatch):
+    """With --updates 2 each update is given the log-probabilities of the model that sampled the
+    replies: the first update's ratio is 1, the second's is not (the first moved the model)."""
+    model, template = tiny
+    ratios = []
+    forward = grpo.GRPO.forward
+
+    def recorded(self, x, y, advantages, old_logps=None):
+        assert old_logps is not None
+        with torch.no_grad():
+            now = grpo.token_logps(self.policy, x, y)
+        ratios.append((now - old_logps).abs().max().item())
+        return forward(self, x, y, advantages, old_logps)
+
+    monkeypatch.setattr(grpo.GRPO, "forward", recorded)
+    run_train(model, template, train_flags(updates=2, max_iters=1))
+    assert len(ratios) == 2 and ratios[0] < 1e-5 and ratios[1] > 1e-3
+
+
+def test_evaluations_sample_held_out_problems_only(tiny, monkeypatch):
+    model, template = tiny
+    asked = []
+    rollout = grpo.rollout
+
+    def recorded(model, task, template, problems, *rest):
+        asked.extend(problems)
+        return rollout(model, task, template, problems, *rest)
+
+    monkeypatch.setattr(grpo, "rollout", recorded)
+    # no step: the run's one evaluation
+    run_train(model, template, train_flags(max_iters=0, eval_iters=2))
+    assert asked and set(asked) <= set(FirstLetter.val)
+
+
+@pytest.mark.parametrize("stage, defaults", [
+    ("10_dpo", dict(dpo_beta=0.1, sft_weight=1.0, lora_rank=0, batch_size=16, max_iters=90)),
+    ("11_grpo", dict(group_size=8, clip_epsilon=0.2, scale_rewards=False, loss_norm="dapo",
+                     updates=1, kl_beta=0.0, lora_rank=0, task="backwards", temperature=0.0,
+                     batch_size=16, max_iters=600))])
+def test_the_flags_defaults_are_the_measured_ones(stage, defaults, tmp_path):
+    args = load_stage(stage).parse_flags(["--out", str(tmp_path)])
+    assert {name: getattr(args, name) for name in defaults} == defaults
+
+
+# ---------------------------------------------------------------- on its command line, as a user
+
+def test_its_chat_answers_each_question_on_its_own_and_greedily(backwards_base, monkeypatch,
+                                                                capsys):
+    """As RL asked them: a question after another is answered as it would be alone (the
+    conversation is not kept, which read a first question as context for the next), and at
+    temperature 0 by default, the likeliest answer."""
+
+    def answers(*questions):
+        monkeypatch.setattr("sys.stdin", io.StringIO("".join(q + "\n" for q in questions)))
+        grpo.main(["--chat", "--init-from", str(backwards_base), "--max-new-tokens", "12"])
+        lines = capsys.readouterr().out.splitlines()
+        # each question as the prompt shows it, then the reply
+        asked = [k for k, line in enumerate(lines) if line.startswith("> ") and line[2:]]
+        assert [lines[k][2:] for k in asked] == list(questions)
+        return [lines[k + 1] for k in asked]
+
+    together = answers("fair backwards", "king backwards", "fair backwards")
+    assert together == [*answers("fair backwards"), *answers("king backwards"), together[0]]
+
+
+def test_questions_that_leave_no_room_for_a_reply_are_refused(base, tmp_path, capsys):
+    flags = [*quick_flags("11_grpo", tmp_path, base / "chat"), "--block-size", "4"]
+    message = stage_error(capsys, grpo.main, *flags)
+    assert "no train problem's question leaves a reply room in --block-size 4 tokens" in message
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_model_that_is_no_chat_model_yet_is_refused(base, tmp_path, capsys):
+    message = stage_error(capsys, grpo.main, *quick_flags("11_grpo", tmp_path, base))
+    assert f"{base} holds a model with no chat template yet (07_modern.py, step 6)" in message
+
+
+def test_no_kl_penalty_can_be_asked_for_as_it_is_the_default(tmp_path):
+    assert grpo.parse_flags(["--kl-beta", "0", "--out", str(tmp_path)]).kl_beta == 0
+
+
+def test_gsm8k_offline_without_data_is_one_sentence_at_once(tmp_path):
+    """No network (a proxy that refuses connections): the hub is asked once, with a short
+    timeout, not for half a minute of retries."""
+    env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    start = time.time()
+    result = subprocess.run([sys.executable, "11_grpo.py", "--task", "gsm8k", "--init-from",
+                             str(tmp_path / "no model"), "--out", str(tmp_path / "run")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and time.time() - start < 10
+    assert result.stderr.splitlines() == [
+        "11_grpo.py: error: could not load openai/gsm8k from the Hugging Face hub: "
+        "https://huggingface.co cannot be reached from here; give its problems with --data"]

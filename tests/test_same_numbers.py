@@ -1,11 +1,13 @@
-"""The post-training stages give the numbers they gave before stages 10 and 11 were made to import
-stage 09 instead of copying it: quick runs of 09, 10 and 11 (LoRA and a frozen reference, DPO's
-and GRPO's switches), every evaluation to the last digit. Floating-point results differ from one
-CPU to another, and with the number of threads, so the numbers are kept by the kind of machine
-that gave them (same_numbers.json), known by what a few of PyTorch's kernels compute on it. On a
-machine of another kind the test says so and skips; RECORD_SAME_NUMBERS=1 python -m pytest
-tests/test_same_numbers.py writes its numbers, to be checked against a run of the code they
-should equal."""
+"""The post-training stages give the numbers recorded in same_numbers.json: quick runs of 09, 10
+and 11 (LoRA and a frozen reference, DPO's and GRPO's switches), every evaluation and closing
+line, and every value of their history, to the last digit. They were recorded by running the code
+from before stages 10 and 11 imported stage 09, and are recorded again only by a commit that
+changes what a run does and says why (stage 10's default --sft-weight 1, and its closing lines,
+which a run on one's own pairs leaves out). Floating-point results differ from one CPU to
+another, and with the number of threads, so the numbers are kept by the kind of machine that
+gave them, known by what a few of PyTorch's kernels compute on it. On a machine of another kind
+the test says so and skips; RECORD_SAME_NUMBERS=1 python -m pytest tests/test_same_numbers.py
+writes its numbers, to be checked against a run of the code they should equal."""
 import contextlib
 import hashlib
 import io
@@ -24,6 +26,7 @@ RECORDED = Path(__file__).with_name("same_numbers.json")
 RUNS = {"09_lora default": ("09_lora", "base", []),
         "09_lora lora": ("09_lora", "base", ["--lora-rank", "4"]),
         "10_dpo default": ("10_dpo", "chat", []),
+        "10_dpo alone": ("10_dpo", "chat", ["--sft-weight", "0"]),
         "10_dpo lora": ("10_dpo", "chat", ["--lora-rank", "4"]),
         "10_dpo switches": ("10_dpo", "chat", ["--sft-weight", "0.5", "--dpo-beta", "0.5",
                                                "--grad-accum-steps", "2"]),
