@@ -90,11 +90,10 @@ adapter_state = stage09.adapter_state
 
 # the stage's name, in what it writes (in a notebook there is no file name to read)
 STAGE = "11_grpo"
-# without --init-from, RL starts from stage 08 fine-tuned on the task, made first if missing
+# without --init-from, RL starts from stage 08 fine-tuned on the task (its base), made first if
+# missing: on every solved train problem, for 400 steps (on 270 of them for 100 steps, no
+# held-out reply was right: RL would have had nothing to push up)
 BASE_SCRIPT = "08_chat.py"
-BASE = "runs/08_backwards"
-# that fine-tuning: stage 08 on every solved train problem, for 400 steps (on 270 of them for 100
-# steps, no held-out reply was right: RL would have had nothing to push up)
 SFT_FLAGS = ["--max-iters", "400", "--eval-interval", "100"]
 
 
@@ -266,15 +265,17 @@ class Backwards:
     answered "riaf" and nothing else. A program makes the problems and checks the replies; 300
     words are kept out of training, for measuring. A task is an object like this one: its train
     and val problems, each problem's messages and a right answer (for fine-tuning first, and for
-    the loss), and a reward for a reply, 1 if it is right, else 0."""
+    the loss), a reward for a reply, 1 if it is right, else 0, and the folder of the model RL
+    starts from without --init-from, stage 08 fine-tuned on it (make_task_base)."""
 
     name = "backwards"
     # the room a reply gets: the longest answer and its end token, with some to spare
     reply_tokens = 12
+    base = "runs/08_backwards"
 
     def __init__(self, args):
         if args.data:
-            raise UserError("--data gives --task gsm8k its problems; --task backwards makes its "
+            raise UserError(f"--data gives --task gsm8k its problems; --task {self.name} makes its "
                             "own")
         words = sorted({w for w in re.findall(r"[a-z]+", read_text().lower()) if 3 <= len(w) <= 5})
         random.Random(0).shuffle(words)
@@ -299,6 +300,8 @@ class GSM8K:
 
     name = "gsm8k"
     reply_tokens = 512
+    # no model of ours writes a solution: RL starts from a chat model given with --init-from
+    base = None
 
     def __init__(self, args):
         if args.data:
@@ -349,15 +352,16 @@ TASKS = {task.name: task for task in (Backwards, GSM8K)}
 
 def make_task_base(task):
     """Stage 08 fine-tuned on the task's train problems and their answers (written to
-    BASE/sft.jsonl), into BASE, by stage 09's make_base (which makes stage 07's default run first
-    if it is missing): the model that RL starts from without --init-from, which has learned the
-    task's format and solves some of its problems."""
+    task.base/sft.jsonl), into task.base, by stage 09's make_base (which makes stage 07's default
+    run first if it is missing): the model that RL starts from without --init-from, which has
+    learned the task's format and solves some of its problems."""
     lines = [json.dumps({"messages": [*task.messages(problem), {"role": "assistant",
                                                                 "content": task.answer(problem)}]})
              for problem in task.train]
-    with atomic_write(Path(BASE) / "sft.jsonl", "w") as f:
+    with atomic_write(Path(task.base) / "sft.jsonl", "w") as f:
         f.write("".join(line + "\n" for line in lines))
-    make_base(BASE, [BASE_SCRIPT, "--data", f"{BASE}/sft.jsonl", "--out", BASE, *SFT_FLAGS])
+    make_base(task.base, [BASE_SCRIPT, "--data", f"{task.base}/sft.jsonl", "--out", task.base,
+                          *SFT_FLAGS])
 
 
 def drop_what_does_not_fit(task, template, block_size):
@@ -612,8 +616,9 @@ def add_flags(parser):
     parser.add_argument("--init-from", type=nonempty("a model"), metavar="NAME|DIR",
                         help="tune the --out folder of a run of stage 08, a merged one of stage "
                         "09, or a Llama or Qwen3 chat model: a Hugging Face hub name or a "
-                        "save_pretrained folder (needs transformers) (default: "
-                        f"{BASE}, made first if missing)")
+                        "save_pretrained folder (needs transformers) (default: stage 08 "
+                        "fine-tuned on the task, runs/08_backwards for --task backwards, made "
+                        "first if missing)")
     parser.add_argument("--lora-rank", type=checked("lora_rank", int), default=0, metavar="INT",
                         help="the adapters' rank r, the KL penalty's reference then the model "
                         "with them off; 0: every weight trains")
@@ -682,11 +687,12 @@ def main(argv=None):
     # made or read first, so that a bad --data line is found before any model is loaded
     task = TASKS[args.task](args)
     if not args.init_from:
-        if not checkpoint and task.name != "backwards":
+        if not task.base:
             raise UserError(f"--task {task.name} starts from a chat model that solves some of its "
-                            "problems: give one with --init-from, such as Qwen/Qwen3-0.6B")
-        args.init_from = BASE
-        if not checkpoint and not stage_folder(BASE):
+                            "problems: give one with --init-from, such as Qwen/Qwen3-0.6B (and "
+                            "the same when resuming)")
+        args.init_from = task.base
+        if not checkpoint and not stage_folder(task.base):
             make_task_base(task)
     # a step learns from G replies to each of its problems
     model, template = make_model(args, checkpoint, device, rows_per_example=args.group_size)
