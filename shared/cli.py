@@ -63,6 +63,8 @@ def checked(name, kind):
             ok, rule = 0 <= value < 1, "at least 0 and below 1"
         elif name == "top_p":
             ok, rule = 0 < value <= 1, "above 0 and at most 1"
+        elif name == "port":
+            ok, rule = 0 < value < 2**16, "from 1 to 65535"
         elif name == "seed":
             # room for seed + rank
             ok, rule = 0 <= value < 2**63 - 2**16, "0 or more and below 2**63"
@@ -114,10 +116,12 @@ def in_notebook():
 
 
 def parse_args(argv, stage, doc, hyperparameters, add_flags=None, has_attention=False,
-               data_help="train on this UTF-8 text file instead of Tiny Shakespeare", helps=None):
+               data_help="train on this UTF-8 text file instead of Tiny Shakespeare", helps=None,
+               outputs=True):
     """Every hyperparameter of the stage becomes a flag (batch_size -> --batch-size, told by
     helps[name] if the stage says what it is, else by HELP), plus the flags all stages share,
-    --plot-attention where the model has attention, and any flags that add_flags(parser) adds; a
+    --plot-attention where the model has attention, and any flags that add_flags(parser) adds
+    (a stage that reads no data has no --data, data_help None, one that writes no run no --out); a
     flag added again replaces the first (a stage that builds on another tells one of its flags
     anew). --help tells the first paragraph of the stage's docstring, doc. Bad values stop the
     program with one sentence and status 2. In a notebook, argv is the notebook_flags of the
@@ -132,17 +136,19 @@ def parse_args(argv, stage, doc, hyperparameters, add_flags=None, has_attention=
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="auto picks cuda, then mps, then cpu")
     parser.add_argument("--seed", type=checked("seed", int), default=1337, help="random seed")
-    parser.add_argument("--data", metavar="FILE", help=data_help)
+    if data_help:
+        parser.add_argument("--data", metavar="FILE", help=data_help)
     parser.add_argument("--max-new-tokens", type=checked("max_new_tokens", int), default=500,
                         metavar="INT", help="the most new tokens of each sample printed at the "
                         "end")
-    parser.add_argument("--out", type=nonempty("a folder"), metavar="DIR",
-                        help="write the run's metrics.json and loss.png into this folder")
+    if outputs:
+        parser.add_argument("--out", type=nonempty("a folder"), metavar="DIR",
+                            help="write the run's metrics.json and loss.png into this folder")
     if has_attention:
         parser.add_argument("--plot-attention", action="store_true",
                             help="save the attention weights for the start of the val text as "
                                  "attention.png in --out (or here)")
-    if in_notebook():
+    if in_notebook() and outputs:
         parser.set_defaults(out=f"runs/{stage}")
     if add_flags:
         add_flags(parser)
@@ -156,7 +162,7 @@ def parse_args(argv, stage, doc, hyperparameters, add_flags=None, has_attention=
         parser.error(f"--n-embd {args.n_embd} / --n-head {args.n_head} gives heads of "
                      f"{args.n_embd // args.n_head} channels, an odd number: "
                      "rotary positions turn channels in pairs")
-    if args.out:
+    if outputs and args.out:
         check_out(parser, args.out)
     return args
 
