@@ -27,7 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["01_bigram", "02_single_head", "03_multi_head", "04_block"]  # built by build_model below
 GPT_STAGES = ["05_gpt", "06_train_for_real", "07_modern", "08_chat", "09_lora", "10_dpo",
               "11_grpo"]
-ALL_STAGES = STAGES + GPT_STAGES
+# the stages that train a model; then the one that serves a trained model and trains nothing
+TRAINING = STAGES + GPT_STAGES
+SERVING = ["12_serve"]
+ALL_STAGES = TRAINING + SERVING
 # 01 to 09, each whole, each the one before plus one idea; the stages after 09, which import it
 CHAIN = chain()
 ON_TRUNK = built_on_trunk()
@@ -46,9 +49,10 @@ SMALL_GPT = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size"
 
 # The files that take longest run first, so that none of them is left to run alone on one core
 # at the end (pytest.ini turns off xdist's own order, most tests first, which put them last)
-SLOWEST_FILES = ["test_ddp.py", "test_site.py", "test_notebook.py", "test_train_for_real.py",
-                 "test_stages.py", "test_device.py", "test_resume.py", "test_robustness.py",
-                 "test_report.py", "test_chat.py", "test_same_numbers.py"]
+SLOWEST_FILES = ["test_ddp.py", "test_site.py", "test_resume.py", "test_train_for_real.py",
+                 "test_serve.py", "test_notebook.py", "test_report.py", "test_robustness.py",
+                 "test_stages.py", "test_device.py", "test_dpo.py", "test_chat.py", "test_grpo.py",
+                 "test_same_numbers.py"]
 
 
 def pytest_collection_modifyitems(items):
@@ -210,12 +214,12 @@ def stage_base(name, base):
 
 @pytest.fixture(scope="session")
 def quick_runs(tmp_path_factory, base):
-    """Every stage trained for a few steps as its command line runs it, each once for all the
-    tests that look at a run: --out, --plot-attention from 02 on, 40 new tokens. The folder of
-    the runs (a folder a stage), and what each printed."""
+    """Every stage that trains, trained for a few steps as its command line runs it, each once for
+    all the tests that look at a run: --out, --plot-attention from 02 on, 40 new tokens. The
+    folder of the runs (a folder a stage), and what each printed."""
     root = tmp_path_factory.mktemp("runs")
     printed = {}
-    for name in ALL_STAGES:
+    for name in TRAINING:
         flags = [*quick_flags(name, root / name, stage_base(name, base)), "--max-new-tokens", "40"]
         if name != "01_bigram":
             flags.append("--plot-attention")

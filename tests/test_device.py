@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ALL_STAGES, ROOT, load_stage, quick_flags, stage_base, stage_error
+from conftest import ROOT, TRAINING, load_stage, quick_flags, stage_base, stage_error
 from shared import UserError, device
 
 # Runs a stage's main() for two steps and prints the estimate of training_memory next to what
@@ -79,7 +79,7 @@ def test_the_estimate_is_within_its_factor_of_the_memory_training_takes(measured
     assert 1 / device.ESTIMATE_FACTOR <= taken / estimated <= device.ESTIMATE_FACTOR, seen
 
 
-@pytest.mark.parametrize("name", ALL_STAGES)
+@pytest.mark.parametrize("name", TRAINING)
 def test_a_run_that_cannot_fit_is_refused_before_it_starts(capsys, tmp_path, base, name):
     flags = quick_flags(name, tmp_path, stage_base(name, base))
     message = stage_error(capsys, load_stage(name).main, *flags,

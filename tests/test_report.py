@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from conftest import (
-    ALL_STAGES,
     CHAIN,
     GPT_STAGES,
     POST_TRAINING,
     PREFERENCES,
     REWARDS,
     ROOT,
+    TRAINING,
     build_model,
     load_stage,
     stage_error,
@@ -48,7 +48,7 @@ def trained(printed, name):
                     printed[name])[-1]
 
 
-@pytest.mark.parametrize("name", ALL_STAGES)
+@pytest.mark.parametrize("name", TRAINING)
 def test_runs_end_to_end(runs, name):
     root, printed = runs
     out = trained(printed, name)
@@ -74,7 +74,7 @@ def test_runs_end_to_end(runs, name):
     assert f"{metrics['val_loss']:.4f}" == lines[-1][2]
 
 
-@pytest.mark.parametrize("name", ALL_STAGES)
+@pytest.mark.parametrize("name", TRAINING)
 def test_metrics_follow_the_schema_and_the_printed_losses(runs, name):
     root, printed = runs
     metrics = json.loads((root / name / "metrics.json").read_text())
@@ -111,7 +111,7 @@ def test_metrics_follow_the_schema_and_the_printed_losses(runs, name):
     assert metrics["machine"]
 
 
-@pytest.mark.parametrize("name", ALL_STAGES)
+@pytest.mark.parametrize("name", TRAINING)
 def test_each_run_draws_its_loss_curves_and_attention(runs, name):
     root, printed = runs
     assert_image(root / name / "loss.png")
@@ -156,10 +156,10 @@ def test_report_has_a_row_per_run_and_a_figure(runs, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         report.main([str(root)])
     rows = (root / "report.md").read_text().splitlines()[2:]
-    assert [row.split("|")[1].strip() for row in rows] == ALL_STAGES  # runs named by their folders
-    assert [row.split("|")[2].strip() for row in rows] == ALL_STAGES
+    assert [row.split("|")[1].strip() for row in rows] == TRAINING  # runs named by their folders
+    assert [row.split("|")[2].strip() for row in rows] == TRAINING
     # what each stage adds, as its docstring's first line says
-    assert [row.split("|")[3].strip() for row in rows] == [description(s) for s in ALL_STAGES]
+    assert [row.split("|")[3].strip() for row in rows] == [description(s) for s in TRAINING]
     assert all(len(row.split("|")) == 11 for row in rows)  # 9 columns
     # one run per stage: nothing to compare
     assert all(row.split("|")[4].strip() == "" for row in rows)

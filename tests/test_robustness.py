@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from conftest import (
-    ALL_STAGES,
     GPT_STAGES,
     ON_TRUNK,
     PAIRS,
@@ -18,6 +17,7 @@ from conftest import (
     REWARDS,
     ROOT,
     STAGES,
+    TRAINING,
     load_stage,
     quick_flags,
     stage_base,
@@ -100,7 +100,7 @@ def test_no_network_for_tiktoken(tmp_path):
 
 # ------------------------------------------------------------------------ every stage, at the edges
 
-@pytest.mark.parametrize("name", ALL_STAGES)
+@pytest.mark.parametrize("name", TRAINING)
 def test_a_diverging_run_ends_with_one_sentence_in_every_stage(capsys, tmp_path, base, name):
     if name in REWARDS:
         pytest.skip("the quick base solves no problem: every advantage is 0, and so is every "
@@ -127,14 +127,14 @@ EDGES = [  # (flags, what the one sentence says)
 ]
 
 
-@pytest.mark.parametrize("name", ALL_STAGES)
+@pytest.mark.parametrize("name", TRAINING)
 @pytest.mark.parametrize("flags,message", EDGES,
                          ids=lambda x: " ".join(x) if isinstance(x, list) else "")
 def test_flags_at_their_edges_in_every_stage(capsys, name, flags, message):
     assert message in stage_error(capsys, load_stage(name).main, *flags)
 
 
-@pytest.mark.parametrize("name", ALL_STAGES)
+@pytest.mark.parametrize("name", TRAINING)
 def test_paths_that_are_not_what_they_should_be(capsys, tmp_path, name):
     main = load_stage(name).main
     (tmp_path / "file").write_text("a file")
@@ -169,7 +169,7 @@ SMALLEST = {"01_bigram": [], "02_single_head": ["--n-embd", "1"],
 CONTEXT = {name: "20" for name in POST_TRAINING}
 
 
-@pytest.mark.parametrize("name", ALL_STAGES)
+@pytest.mark.parametrize("name", TRAINING)
 def test_the_smallest_sizes_train(capsys, tmp_path, name):
     base = None
     if name in POST_TRAINING:
