@@ -109,8 +109,19 @@ def test_the_times_a_docstring_gives_are_the_tables():
             ("08_chat", r"after stage 07's run, (\d+ s)", "07_modern"),
             ("09_lora", r"(\d+ s) on a 2-core CPU", "09_lora"),
             ("09_lora", r"where stage 08 took (\d+ s)", "08_chat"),
-            ("10_dpo", r"(\d+ s) on a 2-core CPU", "10_dpo")]
+            ("10_dpo", r"(\d+ s) on a 2-core CPU", "10_dpo"),
+            ("12_serve", r"2-core CPU, ([\d.]+ s) to start", "12_serve")]
     for name, pattern, timed in said:
         docstring = ast.get_docstring(ast.parse((ROOT / f"{name}.py").read_text()))
         found = re.search(pattern, " ".join(docstring.split()))
         assert found and found.group(1) == seconds[timed], (name, pattern)
+
+
+def test_the_serving_rate_the_docstring_gives_is_the_tables():
+    """Stage 12's docstring and its README row give the same tokens a second at 16 clients, as
+    measured by tests/bench.py serve."""
+    rows = table(README.read_text(), "| script | what it adds | parameters | val loss | time |")
+    rate = next(row[3] for row in rows if "12_serve" in row[0])
+    docstring = " ".join(ast.get_docstring(ast.parse((ROOT / "12_serve.py").read_text())).split())
+    found = re.search(r"Sixteen clients at once get (\d+) tokens a second", docstring)
+    assert found and rate == f"{found.group(1)} tok/s (16 clients)"
