@@ -110,11 +110,11 @@ def test_a_stop_string_ends_the_reply_before_it(client):
     assert shorter == text[:text.index(cut)] and response.choices[0].finish_reason == "stop"
 
 
-def test_batching_changes_no_reply(client, base):
+def test_batching_changes_no_reply(client, chat_server, base):
     """16 requests of prompts of different lengths, at once but each a little after the one
     before (they join the batch while others run): each reply the one it gets served alone,
     greedily and with a seed. If one ever differs, the test says where and how near a tie the
-    two tokens were."""
+    two tokens were. After the burst every block is back in the pool."""
     def reply(i, temperature, wait=0.0):
         time.sleep(wait)
         return ask(client, PROMPTS[i], seed=i, temperature=temperature)[0]
@@ -127,6 +127,8 @@ def test_batching_changes_no_reply(client, base):
             if a != b:
                 pytest.fail(where_they_part(base / "chat", PROMPTS[i], a, b, temperature, i))
     assert len(set(alone)) > 1  # sampled replies differ from one another
+    state = httpx.get(f"{chat_server}/health").json()
+    assert state["running"] == 0 and state["kv_blocks_free"] == state["kv_blocks"]
 
 
 def where_they_part(folder, prompt, alone, together, temperature, seed):
