@@ -247,6 +247,18 @@ class GPT(nn.Module):
         return logits, loss
 
     @classmethod
+    def empty(cls, config):
+        """The model with its weights allocated but not filled, for weights about to be copied in:
+        filling hundreds of millions of weights with random numbers takes longer than loading
+        them."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        # to_empty gives every weight memory of its own, a tied one too: tie it again
+        model.lm_head.weight = model.wte.weight
+        return model
+
+    @classmethod
     def from_pretrained(cls, name_or_path, block_size=None, dropout=0.0):
         """GPT-2 with OpenAI's weights, through Hugging Face transformers: a hub name (gpt2,
         gpt2-medium, gpt2-large, gpt2-xl) or a folder written by save_pretrained. The shape comes
@@ -258,7 +270,7 @@ class GPT(nn.Module):
                             f"{hf.n_positions} tokens")
         config = GPTConfig(block_size=block_size or hf.n_positions, vocab_size=hf.vocab_size,
                            n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, dropout=dropout)
-        model = cls(config)
+        model = cls.empty(config)
         theirs = {name.removeprefix("transformer."): t for name, t in hf_model.state_dict().items()}
         # GPT-2's Conv1D layers store their weight as (in, out), the transpose of nn.Linear's
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",

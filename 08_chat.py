@@ -325,6 +325,19 @@ class GPT(nn.Module):
         return logits, loss / (targets != -1).sum().clamp(min=1)
 
     @classmethod
+    def empty(cls, config):
+        """The model with its weights allocated but not filled, for weights about to be copied in:
+        filling hundreds of millions of weights with random numbers takes longer than loading
+        them."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        # to_empty gives every weight memory of its own, a tied one too: tie it again
+        if config.tie_embeddings:
+            model.lm_head.weight = model.wte.weight
+        return model
+
+    @classmethod
     def from_pretrained(cls, name_or_path, block_size=None, dropout=0.0):
         """A Llama or Qwen3 model with its weights, through Hugging Face transformers: a hub name
         (such as HuggingFaceTB/SmolLM2-135M or Qwen/Qwen3-0.6B) or a folder written by
@@ -347,7 +360,7 @@ class GPT(nn.Module):
                            rope_theta=hf.rope_parameters["rope_theta"], norm_eps=hf.rms_norm_eps,
                            qk_norm=hf.model_type == "qwen3", tie_embeddings=hf.tie_word_embeddings,
                            dropout=dropout)
-        model = cls(config)
+        model = cls.empty(config)
         theirs = hf_model.state_dict()
         with torch.no_grad():
             # a tied lm_head comes as wte, once

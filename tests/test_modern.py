@@ -39,6 +39,20 @@ def test_the_modern_parts_are_where_they_should_be():
     assert tied.lm_head.weight is tied.wte.weight
 
 
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_model_to_load_draws_no_random_weights_and_keeps_its_tie(tie):
+    """GPT.empty, what a Hugging Face model's weights are copied into: its weights are those of
+    GPT(config), in shape and tie, but not filled with random numbers (most of the time of
+    loading a large model), so that the random state is left as it was."""
+    built = tiny_model(tie_embeddings=tie)
+    state = torch.random.get_rng_state()
+    empty = modern.GPT.empty(built.config)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert (empty.lm_head.weight is empty.wte.weight) == tie
+    shapes = [(name, p.shape, p.device) for name, p in empty.named_parameters()]
+    assert shapes == [(name, p.shape, p.device) for name, p in built.named_parameters()]
+
 def test_rotary_positions_make_attention_scores_relative():
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
