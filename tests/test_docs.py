@@ -118,10 +118,13 @@ def test_the_times_a_docstring_gives_are_the_tables():
 
 
 def test_the_serving_rate_the_docstring_gives_is_the_tables():
-    """Stage 12's docstring and its README row give the same tokens a second at 16 clients, as
-    measured by tests/bench.py serve."""
+    """Stage 12's docstring, its README row and the README's table of serving give the same
+    tokens a second at 16 clients, as measured by tests/bench.py serve."""
     rows = table(README.read_text(), "| script | what it adds | parameters | val loss | time |")
     rate = next(row[3] for row in rows if "12_serve" in row[0])
+    serving = table(README.read_text(), "| clients | continuous batching: tokens/s | first token, "
+                    "p50 | batching off: tokens/s | first token, p50 |")
+    assert rate == f"{serving[-1][1]} tok/s (16 clients)" and serving[-1][0] == "16"
     docstring = " ".join(ast.get_docstring(ast.parse((ROOT / "12_serve.py").read_text())).split())
     found = re.search(r"Sixteen clients at once get (\d+) tokens a second", docstring)
     assert found and rate == f"{found.group(1)} tok/s (16 clients)"
