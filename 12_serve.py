@@ -258,7 +258,7 @@ class Request:
             finish = "length"
         if not finish:
             hold = max((len(stop) - 1 for stop in self.stop), default=0)
-            text = text[:len(text) - hold] if hold else text
+            text = text[:len(text) - hold]
             text = text.rstrip("\ufffd")
         if len(text) > len(self.sent):
             self.emit(("text", text[len(self.sent):]))
@@ -397,9 +397,9 @@ class Engine:
                 torch.set_rng_state(request.random)
                 token = sample_next(row[None], **request.sampler).item()
                 request.random = torch.get_rng_state()
-            request.finished = request.take(token, self.template, self.context)
-            if request.finished:
-                self.leave(request, request.finished)
+            finish = request.take(token, self.template, self.context)
+            if finish:
+                self.leave(request, finish)
 
     def leave(self, request, finish):
         """The request out of the engine, its blocks back in the pool; and, unless its client
@@ -517,13 +517,12 @@ def completion_request(body, ids, engine, emit):
     return Request(ids, max_tokens, temperature, top_p, top_k, seed, stop, emit)
 
 
-def chunk_of(kind, ident, created, name, choice, usage=None):
-    """One server-sent event of a stream: a chat.completion.chunk or a text_completion."""
+def chunk_of(kind, ident, created, name, choice, **usage):
+    """One server-sent event of a stream: a chat.completion.chunk or a text_completion, with
+    usage's field if given (OpenAI's "usage": null on every chunk when the usage is asked for)."""
     kinds = {"chat": "chat.completion.chunk", "text": "text_completion"}
     chunk = {"id": ident, "object": kinds[kind], "created": created, "model": name,
-             "choices": [choice] if choice else []}
-    if usage is not False:
-        chunk["usage"] = usage
+             "choices": [choice] if choice else [], **usage}
     return f"data: {json.dumps(chunk)}\n\n"
 
 
@@ -607,7 +606,7 @@ def make_app(engine, template, name, args):
         created = int(time.time())
         if body.get("stream"):
             options = body.get("stream_options") or {}
-            usage = None if options.get("include_usage") else False
+            usage = {"usage": None} if options.get("include_usage") else {}
             return StreamingResponse(stream(reply, events, kind, ident, created, usage),
                                      media_type="text/event-stream")
         text = ""
@@ -646,21 +645,21 @@ def make_app(engine, template, name, args):
             if kind == "chat":
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""},
                          "logprobs": None, "finish_reason": None}
-                yield chunk_of(kind, ident, created, name, first, usage)
+                yield chunk_of(kind, ident, created, name, first, **usage)
             event = await events.get()
             while event[0] == "text":
                 piece = ({"delta": {"content": event[1]}} if kind == "chat"
                          else {"text": event[1]})
                 choice = {"index": 0, **piece, "logprobs": None, "finish_reason": None}
-                yield chunk_of(kind, ident, created, name, choice, usage)
+                yield chunk_of(kind, ident, created, name, choice, **usage)
                 event = await events.get()
             _, finish, prompt_tokens, reply_tokens = event
             last = {"delta": {}} if kind == "chat" else {"text": ""}
             choice = {"index": 0, **last, "logprobs": None, "finish_reason": finish}
-            yield chunk_of(kind, ident, created, name, choice, usage)
-            if usage is not False:
+            yield chunk_of(kind, ident, created, name, choice, **usage)
+            if usage:
                 yield chunk_of(kind, ident, created, name, None,
-                               usage_of(prompt_tokens, reply_tokens))
+                               usage=usage_of(prompt_tokens, reply_tokens))
             yield "data: [DONE]\n\n"
         finally:
             if not reply.finished:
